@@ -1,0 +1,808 @@
+"""UniRepLKNet (Ding et al., CVPR 2024): a universal large-kernel ConvNet.
+
+The architecture, parameter names and initialisation follow the published models exactly, so the released
+checkpoints load strictly:
+
+* stem (stride 4): ``conv3x3 s2 -> LayerNorm -> GELU -> conv3x3 s2 -> LayerNorm`` (``downsample_layers.0``);
+* a stride-2 ``conv3x3 -> LayerNorm`` before each of stages 2..4 (``downsample_layers.1..3``);
+* four stages of :class:`UniRepLKNetBlock`;
+* head: global mean -> LayerNorm -> Linear (``norm``, ``head``).
+
+Every block has a *train form* (Dilated Reparam Block, BatchNorms, GRN bias, layer scale) and a *deploy form* (one
+depthwise conv with bias, one Linear with bias) that computes the same function in eval mode.
+:meth:`UniRepLKNet.reparameterize` converts in place; ``UniRepLKNet(..., deploy=True)`` builds the deploy form
+directly.
+
+Shapes use ``(B, C, H, W)``; the pointwise part of each block runs channels-last ``(B, H, W, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models import register_model
+
+from .errors import CheckpointError, ConfigurationError, InputShapeError
+from .ops import DepthwiseConv2d
+
+__all__ = [
+    "UniRepLKNet",
+    "UniRepLKNetBlock",
+    "DilatedReparamBlock",
+    "GRNwithNHWC",
+    "SEBlock",
+    "VARIANTS",
+    "default_kernel_sizes",
+    "dilated_branches",
+    "weights_dir",
+]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Variants and kernel plans (paper Table / official code)
+
+#: name -> (depths, dims)
+VARIANTS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "a": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "f": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "p": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "n": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "t": ((3, 3, 18, 3), (80, 160, 320, 640)),
+    "s": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "b": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "l": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xl": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+
+#: Kernel size K of the Dilated Reparam Block -> (branch kernel sizes k, dilations r).
+_DILATED_BRANCHES: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    17: ((5, 9, 3, 3, 3), (1, 2, 4, 5, 7)),
+    15: ((5, 7, 3, 3, 3), (1, 2, 3, 5, 7)),
+    13: ((5, 7, 3, 3, 3), (1, 2, 3, 4, 5)),
+    11: ((5, 5, 3, 3, 3), (1, 2, 3, 4, 5)),
+    9: ((5, 5, 3, 3), (1, 2, 3, 4)),
+    7: ((5, 3, 3), (1, 2, 3)),
+    5: ((3, 3), (1, 2)),
+}
+
+#: Kernel sizes a block accepts: plain depthwise conv for 3 and 5, Dilated Reparam Block for 7..17.
+SUPPORTED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13, 15, 17)
+
+MIN_INPUT_SIZE = 32  # total stride of the network: the last stage sees at least one pixel
+
+
+def dilated_branches(kernel_size: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Branch kernel sizes and dilations of the Dilated Reparam Block for a large kernel ``kernel_size``."""
+    try:
+        return _DILATED_BRANCHES[kernel_size]
+    except KeyError:
+        raise ConfigurationError(
+            f"the Dilated Reparam Block is defined for kernel sizes {sorted(_DILATED_BRANCHES)}, got {kernel_size}"
+        ) from None
+
+
+def default_kernel_sizes(depths: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+    """The official kernel plan for a depth tuple: stage 1 all 3, stages 2 and 4 all 13, stage 3 depends on depth.
+
+    Stage 3 is all 13 for A/F/P/N (depth 6 or 8), alternates 13,3 for T (depth 18) and repeats 13,3,3 for S/B/L/XL
+    (depth 27). Other depth tuples need an explicit plan.
+    """
+    depths = tuple(depths)
+    if len(depths) != 4:
+        raise ConfigurationError(f"UniRepLKNet has 4 stages, got depths {depths}")
+    d1, d2, d3, d4 = depths
+    if d3 in (6, 8):
+        stage3 = (13,) * d3
+    elif d3 == 18:
+        stage3 = (13, 3) * 9
+    elif d3 == 27:
+        stage3 = (13, 3, 3) * 9
+    else:
+        raise ConfigurationError(
+            f"no default kernel plan for depths {depths}: pass kernel_sizes=((...), (...), (...), (...)) "
+            f"with one kernel size per block"
+        )
+    return ((3,) * d1, (13,) * d2, stage3, (13,) * d4)
+
+
+def _resolve_kernel_sizes(depths: Sequence[int], kernel_sizes) -> Tuple[Tuple[int, ...], ...]:
+    """Accept ``None`` (official plan), one int per stage, or one tuple of ints per stage."""
+    if kernel_sizes is None:
+        return default_kernel_sizes(depths)
+    if len(kernel_sizes) != len(depths):
+        raise ConfigurationError(f"kernel_sizes needs one entry per stage ({len(depths)}), got {kernel_sizes!r}")
+    plan = []
+    for stage, (depth, ks) in enumerate(zip(depths, kernel_sizes)):
+        ks = (int(ks),) * depth if isinstance(ks, int) else tuple(int(k) for k in ks)
+        if len(ks) != depth:
+            raise ConfigurationError(
+                f"stage {stage + 1} has {depth} blocks but kernel_sizes gives {len(ks)}: {ks}"
+            )
+        bad = sorted({k for k in ks if k not in SUPPORTED_KERNEL_SIZES})
+        if bad:
+            raise ConfigurationError(
+                f"stage {stage + 1}: unsupported kernel sizes {bad}; supported: {SUPPORTED_KERNEL_SIZES}"
+            )
+        plan.append(ks)
+    return tuple(plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Re-parameterisation arithmetic
+
+
+def fuse_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d):
+    """Fold an eval-mode BatchNorm that follows a conv into the conv: returns ``(weight', bias')``.
+
+    ``W' = W * g / s`` and ``b' = beta + (b - mean) * g / s`` with ``s = sqrt(var + eps)``.
+    """
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv_bias = torch.zeros_like(bn.running_mean) if bias is None else bias
+    return weight * scale.reshape(-1, 1, 1, 1), bn.bias + (conv_bias - bn.running_mean) * scale
+
+
+def dilated_to_dense(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
+    """Turn a depthwise kernel ``(C, 1, k, k)`` applied at ``dilation`` into the equivalent dense kernel.
+
+    The result is ``(C, 1, (k-1)*dilation+1, (k-1)*dilation+1)`` with ``dilation-1`` zeros between taps; a transposed
+    convolution with a 1x1 unit kernel at stride ``dilation`` inserts them.
+    """
+    if dilation == 1:
+        return kernel
+    unit = torch.ones(1, 1, 1, 1, dtype=kernel.dtype, device=kernel.device)
+    return F.conv_transpose2d(kernel, unit, stride=dilation)
+
+
+def pad_kernel_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad a square kernel ``(..., k, k)`` centred to ``(..., size, size)``."""
+    pad = (size - kernel.shape[-1]) // 2
+    return F.pad(kernel, [pad] * 4) if pad else kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class GRNwithNHWC(nn.Module):
+    """Global Response Normalisation (ConvNeXt V2) on channels-last input ``(B, H, W, C)``.
+
+    ``G = ||x||_2 over (H, W)``, ``N = G / (mean_C G + 1e-6)``, ``out = (gamma * N + 1) * x + beta``.
+    ``gamma`` and ``beta`` have shape ``(1, 1, 1, C)`` and start at zero. The deploy form has no ``beta`` (it is
+    folded into the following Linear). The norm is accumulated in at least float32 so fp16/bf16 inputs do not overflow.
+    """
+
+    def __init__(self, dim: int, use_bias: bool = True):
+        super().__init__()
+        self.use_bias = use_bias
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        if use_bias:
+            self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        accumulate = torch.promote_types(x.dtype, torch.float32)
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True, dtype=accumulate)
+        n = (g / (g.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
+        out = (self.gamma * n + 1) * x
+        return out + self.beta if self.use_bias else out
+
+
+class NCHWtoNHWC(nn.Module):
+    """``(B, C, H, W) -> (B, H, W, C)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class NHWCtoNCHW(nn.Module):
+    """``(B, H, W, C) -> (B, C, H, W)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation: ``x * sigmoid(up(relu(down(mean_HW x))))`` with ``C -> C/4 -> C`` 1x1 convs.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, internal_channels: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, internal_channels, kernel_size=1, bias=True)
+        self.up = nn.Conv2d(internal_channels, channels, kernel_size=1, bias=True)
+        self.nonlinear = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        s = torch.sigmoid(self.up(self.nonlinear(self.down(s))))
+        return x * s
+
+
+class DilatedReparamBlock(nn.Module):
+    """A large depthwise kernel plus parallel dilated small depthwise kernels, each followed by BatchNorm.
+
+    Train form: ``origin_bn(lk_origin(x)) + sum_k,r dil_bn_k{k}_{r}(dil_conv_k{k}_{r}(x))``. Deploy form (after
+    :meth:`reparameterize`, or built with ``deploy=True``): a single ``lk_origin`` depthwise ``K x K`` conv with bias.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, deploy: bool = False):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.kernel_sizes, self.dilates = dilated_branches(kernel_size)
+        self.lk_origin = DepthwiseConv2d(channels, kernel_size, bias=deploy)
+        if not deploy:
+            self.origin_bn = nn.BatchNorm2d(channels)
+            for k, r in zip(self.kernel_sizes, self.dilates):
+                conv = nn.Conv2d(
+                    channels, channels, k, stride=1, padding=(r * (k - 1) + 1) // 2, dilation=r,
+                    groups=channels, bias=False,
+                )
+                self.add_module(f"dil_conv_k{k}_{r}", conv)
+                self.add_module(f"dil_bn_k{k}_{r}", nn.BatchNorm2d(channels))
+
+    @property
+    def deploy(self) -> bool:
+        return not hasattr(self, "origin_bn")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self.lk_origin(x)
+        out = self.origin_bn(self.lk_origin(x))
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            conv = getattr(self, f"dil_conv_k{k}_{r}")
+            bn = getattr(self, f"dil_bn_k{k}_{r}")
+            out = out + bn(conv(x))
+        return out
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Merge every branch into ``lk_origin`` (idempotent)."""
+        if self.deploy:
+            return
+        weight, bias = fuse_conv_bn(self.lk_origin.weight, self.lk_origin.bias, self.origin_bn)
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            conv = getattr(self, f"dil_conv_k{k}_{r}")
+            bn = getattr(self, f"dil_bn_k{k}_{r}")
+            branch_weight, branch_bias = fuse_conv_bn(conv.weight, None, bn)
+            weight = weight + pad_kernel_to(dilated_to_dense(branch_weight, r), self.kernel_size)
+            bias = bias + branch_bias
+            delattr(self, f"dil_conv_k{k}_{r}")
+            delattr(self, f"dil_bn_k{k}_{r}")
+        del self.origin_bn
+        merged = DepthwiseConv2d(weight.shape[0], self.kernel_size, bias=True, backend=self.lk_origin.backend)
+        merged.to(device=weight.device, dtype=weight.dtype)
+        merged.weight.copy_(weight)
+        merged.bias.copy_(bias)
+        self.lk_origin = merged
+
+
+class UniRepLKNetBlock(nn.Module):
+    """One UniRepLKNet block.
+
+    ``x + drop_path(gamma * BN2(Linear2(GRN(GELU(Linear1(SE(BN1(dwconv(x)))))))))`` where ``dwconv`` is a
+    :class:`DilatedReparamBlock` for ``kernel_size >= 7`` and a plain depthwise conv for 3 and 5; ``Linear1`` maps
+    ``C -> 4C`` and ``Linear2`` ``4C -> C``, both channels-last. Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
+
+    The deploy form folds BN1 into ``dwconv`` and GRN's ``beta``, BN2 and ``gamma`` into ``Linear2``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        drop_path: float = 0.0,
+        layer_scale_init_value: Optional[float] = 1e-6,
+        deploy: bool = False,
+        ffn_factor: int = 4,
+    ):
+        super().__init__()
+        if kernel_size not in SUPPORTED_KERNEL_SIZES:
+            raise ConfigurationError(
+                f"unsupported block kernel size {kernel_size}; supported: {SUPPORTED_KERNEL_SIZES}"
+            )
+        self.kernel_size = kernel_size
+        if kernel_size >= 7:
+            self.dwconv = DilatedReparamBlock(dim, kernel_size, deploy=deploy)
+        else:
+            self.dwconv = DepthwiseConv2d(dim, kernel_size, bias=deploy)
+        self.norm = nn.Identity() if deploy else nn.BatchNorm2d(dim)
+        self.se = SEBlock(dim, dim // 4)
+        ffn_dim = int(ffn_factor * dim)
+        self.pwconv1 = nn.Sequential(NCHWtoNHWC(), nn.Linear(dim, ffn_dim))
+        self.act = nn.Sequential(nn.GELU(), GRNwithNHWC(ffn_dim, use_bias=not deploy))
+        if deploy:
+            self.pwconv2 = nn.Sequential(nn.Linear(ffn_dim, dim), NHWCtoNCHW())
+        else:
+            self.pwconv2 = nn.Sequential(nn.Linear(ffn_dim, dim, bias=False), NHWCtoNCHW(), nn.BatchNorm2d(dim))
+        if not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0:
+            self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        else:
+            self.gamma = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    @property
+    def deploy(self) -> bool:
+        return isinstance(self.norm, nn.Identity) and len(self.pwconv2) == 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.se(self.norm(self.dwconv(x)))
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.gamma is not None:
+            y = self.gamma.view(1, -1, 1, 1) * y
+        return x + self.drop_path(y)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Convert this block to its deploy form in place (idempotent; exact in eval mode up to rounding)."""
+        # 1. merge the dilated branches into one large kernel with bias
+        if isinstance(self.dwconv, DilatedReparamBlock):
+            self.dwconv.reparameterize()
+        # 2. fold BN1 into the depthwise conv
+        if isinstance(self.norm, nn.BatchNorm2d):
+            conv = self.dwconv.lk_origin if isinstance(self.dwconv, DilatedReparamBlock) else self.dwconv
+            weight, bias = fuse_conv_bn(conv.weight, conv.bias, self.norm)
+            fused = DepthwiseConv2d(conv.in_channels, conv.kernel_size[0], bias=True, backend=conv.backend)
+            fused.to(device=weight.device, dtype=weight.dtype)
+            fused.weight.copy_(weight)
+            fused.bias.copy_(bias)
+            if isinstance(self.dwconv, DilatedReparamBlock):
+                self.dwconv.lk_origin = fused
+            else:
+                self.dwconv = fused
+            self.norm = nn.Identity()
+        # 3. fold GRN beta, Linear2, BN2 and layer scale into one Linear with bias
+        if len(self.pwconv2) == 3:
+            grn = self.act[1]
+            linear, bn = self.pwconv2[0], self.pwconv2[2]
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            if self.gamma is not None:
+                layer_scale = self.gamma.detach()
+            else:
+                layer_scale = torch.ones_like(scale)
+            bias = torch.zeros_like(scale) if linear.bias is None else linear.bias.detach().clone()
+            if grn.use_bias:
+                bias = bias + linear.weight @ grn.beta.reshape(-1)
+                del grn.beta
+                grn.use_bias = False
+            fused = nn.Linear(linear.in_features, linear.out_features, bias=True)
+            fused.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            fused.weight.copy_(linear.weight * (scale * layer_scale).reshape(-1, 1))
+            fused.bias.copy_((bn.bias + (bias - bn.running_mean) * scale) * layer_scale)
+            self.pwconv2 = nn.Sequential(fused, self.pwconv2[1])
+            self.gamma = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class UniRepLKNet(nn.Module):
+    """UniRepLKNet for any number of input channels.
+
+    Args:
+        in_chans: input channels of the stem (3 for images, 1 for spectrograms, ...).
+        num_classes: classes of the linear head; 0 gives pooled, normalised features from :meth:`forward`.
+        depths: blocks per stage.
+        dims: channels per stage.
+        kernel_sizes: per-stage kernel plan; ``None`` for the official plan, one int per stage (e.g. the modality
+            recipes' ``(3, 13, 13, 11)``) or one tuple of ints per stage.
+        drop_path_rate: stochastic-depth rate; per-block rates rise linearly from 0 over all blocks.
+        layer_scale_init_value: initial layer scale ``gamma`` of each block (``None`` or 0 disables it).
+        head_init_scale: multiplies the head's initial weight and bias (0.001 for fine-tuning recipes).
+        deploy: build the deploy form directly (no BatchNorm, merged kernels).
+        output_norms: add the LayerNorms ``norm0..norm3`` of the official features mode; applied to the stage
+            outputs returned by :meth:`forward_intermediates` (used for detection and segmentation checkpoints).
+        global_pool: ``"avg"`` (mean over H, W) or ``""`` to keep the map in :meth:`forward_head`.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (3, 3, 27, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        kernel_sizes=None,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: Optional[float] = 1e-6,
+        head_init_scale: float = 1.0,
+        deploy: bool = False,
+        output_norms: bool = False,
+        global_pool: str = "avg",
+        **kwargs: Any,
+    ):
+        super().__init__()
+        if kwargs:
+            raise ConfigurationError(f"UniRepLKNet got unknown arguments: {sorted(kwargs)}")
+        depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
+        if len(depths) != 4 or len(dims) != 4:
+            raise ConfigurationError(f"UniRepLKNet needs 4 depths and 4 dims, got depths={depths}, dims={dims}")
+        if in_chans < 1:
+            raise ConfigurationError(f"in_chans must be at least 1, got {in_chans}")
+        if global_pool not in ("avg", ""):
+            raise ConfigurationError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.kernel_sizes = _resolve_kernel_sizes(depths, kernel_sizes)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.depths, self.dims = depths, dims
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.config = dict(
+            in_chans=in_chans, num_classes=num_classes, depths=depths, dims=dims, kernel_sizes=self.kernel_sizes,
+            drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
+            head_init_scale=head_init_scale, deploy=deploy, output_norms=output_norms, global_pool=global_pool,
+        )
+
+        self.downsample_layers = nn.ModuleList()
+        self.downsample_layers.append(
+            nn.Sequential(
+                nn.Conv2d(in_chans, dims[0] // 2, kernel_size=3, stride=2, padding=1),
+                LayerNorm2d(dims[0] // 2, eps=1e-6),
+                nn.GELU(),
+                nn.Conv2d(dims[0] // 2, dims[0], kernel_size=3, stride=2, padding=1),
+                LayerNorm2d(dims[0], eps=1e-6),
+            )
+        )
+        for i in range(3):
+            self.downsample_layers.append(
+                nn.Sequential(
+                    nn.Conv2d(dims[i], dims[i + 1], kernel_size=3, stride=2, padding=1),
+                    LayerNorm2d(dims[i + 1], eps=1e-6),
+                )
+            )
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        cursor = 0
+        for i in range(4):
+            blocks = [
+                UniRepLKNetBlock(
+                    dims[i], self.kernel_sizes[i][j], drop_path=rates[cursor + j],
+                    layer_scale_init_value=layer_scale_init_value, deploy=deploy,
+                )
+                for j in range(depths[i])
+            ]
+            self.stages.append(nn.Sequential(*blocks))
+            cursor += depths[i]
+
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)
+        ]
+        self.output_norms = output_norms
+        if output_norms:
+            for i in range(4):
+                self.add_module(f"norm{i}", LayerNorm2d(dims[i], eps=1e-6))
+
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # timm model interface
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^downsample_layers\.0",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(\d+)", None),
+                (r"^downsample_layers\.(\d+)", (0,)),
+                (r"^norm(\d+)", (99999,)),
+                (r"^norm\.", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of parameters that AdamW should not decay: layer scale and GRN parameters."""
+        return {n for n, _ in self.named_parameters() if n.endswith((".gamma", ".beta"))}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a freshly initialised ``Linear(C4, num_classes)`` (``Identity`` for 0)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ConfigurationError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        ref = self.downsample_layers[0][0].weight
+        if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes).to(device=ref.device, dtype=ref.dtype)
+            self._init_weights(self.head)
+        else:
+            self.head = nn.Identity()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`InputShapeError` unless ``x`` is ``(B, in_chans, H, W)`` with ``H, W >= 32``."""
+        if not isinstance(x, torch.Tensor):
+            raise InputShapeError(f"UniRepLKNet expects a torch.Tensor (B, {self.in_chans}, H, W), got {type(x)}")
+        if x.ndim != 4:
+            raise InputShapeError(
+                f"UniRepLKNet expects a 4-D input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise InputShapeError(
+                f"UniRepLKNet was built for {self.in_chans} input channel(s) but got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)}); build it with in_chans={x.shape[1]} or fix the input"
+            )
+        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+            raise InputShapeError(
+                f"UniRepLKNet needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (its total stride), "
+                f"got {x.shape[2]}x{x.shape[3]}"
+            )
+        if self.training and not self.deploy:
+            # BatchNorm in training mode needs more than one value per channel in the last stage
+            last_stage_values = x.shape[0] * math.ceil(x.shape[2] / 32) * math.ceil(x.shape[3] / 32)
+            if last_stage_values < 2:
+                raise InputShapeError(
+                    f"training needs more than one value per channel in the last stage's BatchNorms: batch "
+                    f"{x.shape[0]} at {x.shape[2]}x{x.shape[3]} gives a 1x1 map; use a batch of at least 2 or "
+                    f"inputs larger than 32 pixels"
+                )
+
+    def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample_layers[index](x)
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return checkpoint_seq(self.stages[index], x)
+        return self.stages[index](x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W) -> (B, C4, ceil(H/32), ceil(W/32))``: stem and all four stages, before pooling."""
+        self.check_input(x)
+        for i in range(len(self.stages)):
+            x = self._run_stage(i, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Mean over (H, W), LayerNorm, then the classifier; ``pre_logits=True`` stops before the classifier."""
+        if self.global_pool == "avg":
+            x = self.norm(x.mean(dim=(-2, -1)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W) -> (B, num_classes)``, or ``(B, C4)`` pooled features when ``num_classes == 0``."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs as a list of ``(B, C_i, H/2^(i+2), W/2^(i+2))`` maps.
+
+        Args:
+            indices: the last ``n`` stages if an int, all if ``None``, those listed if a sequence.
+            norm: kept for timm's interface; stage outputs pass through ``norm0..norm3`` whenever the model was
+                built with ``output_norms=True`` (the official features mode).
+            stop_early: stop after the last requested stage.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list, not ``(final map, list)``.
+        """
+        if output_fmt != "NCHW":
+            raise ConfigurationError(f"UniRepLKNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        last = max_index if stop_early else len(self.stages) - 1
+        for i in range(last + 1):
+            x = self._run_stage(i, x)
+            if i in take_indices:
+                intermediates.append(getattr(self, f"norm{i}")(x) if self.output_norms else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop the stages after the last requested one (and the head) so feature extraction does no extra work."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        self.downsample_layers = self.downsample_layers[: max_index + 1]
+        if self.output_norms:
+            for i in range(max_index + 1, 4):
+                delattr(self, f"norm{i}")
+        if prune_head:
+            self.norm = nn.Identity()
+            self.reset_classifier(0)
+        return take_indices
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Re-parameterisation and checkpoints
+
+    @property
+    def deploy(self) -> bool:
+        """True when every block is in its deploy form."""
+        return all(block.deploy for stage in self.stages for block in stage)
+
+    def reparameterize(self) -> "UniRepLKNet":
+        """Convert every block to its deploy form in place (idempotent) and return ``self``.
+
+        In eval mode the converted model computes the same outputs up to float rounding.
+        """
+        for module in self.modules():
+            if isinstance(module, UniRepLKNetBlock):
+                module.reparameterize()
+        self.config["deploy"] = True
+        return self
+
+    def load_pretrained(self, path: Union[str, os.PathLike], strict: bool = True):
+        """Load an official or own checkpoint file; see :func:`backbones.checkpoint.load_checkpoint`.
+
+        A bare file name that does not exist is looked up in :func:`weights_dir`.
+        """
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self, resolve_weights_path(path), strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained configurations (local files only; nothing is downloaded)
+
+_OFFICIAL_REPO = "DingXiaoH/UniRepLKNet"
+
+
+def weights_dir() -> Path:
+    """Where bare official checkpoint file names are looked up: ``$UNIPERCEPTION_WEIGHTS`` or
+    ``~/.cache/uniperception/weights``."""
+    return Path(os.environ.get("UNIPERCEPTION_WEIGHTS", Path.home() / ".cache" / "uniperception" / "weights"))
+
+
+def resolve_weights_path(path: Union[str, os.PathLike]) -> Path:
+    """Return ``path`` if it exists, else ``weights_dir() / path``; raise :class:`CheckpointError` if neither does."""
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    in_dir = weights_dir() / candidate.name
+    if in_dir.exists():
+        return in_dir
+    raise CheckpointError(
+        f"checkpoint file {str(path)!r} not found (also looked in {str(weights_dir())!r}, set "
+        f"UNIPERCEPTION_WEIGHTS to change it). The official files are published in the Hugging Face repository "
+        f"{_OFFICIAL_REPO}; download one there and place it in that folder, or pass "
+        f"pretrained_cfg_overlay=dict(file='/path/to/file.pth')"
+    )
+
+
+def _cfg(file: str, input_size: int = 224, num_classes: int = 1000, **kwargs) -> Dict[str, Any]:
+    return {
+        "file": file,
+        "custom_load": True,
+        "num_classes": num_classes,
+        "input_size": (3, input_size, input_size),
+        "pool_size": (math.ceil(input_size / 32),) * 2,
+        "crop_pct": 0.875 if input_size < 384 else 1.0,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "downsample_layers.0.0",
+        "classifier": "head",
+        "paper_ids": "arXiv:2311.15599",
+        "license": "apache-2.0",
+        "origin_url": f"https://huggingface.co/{_OFFICIAL_REPO}",
+        **kwargs,
+    }
+
+
+_IN1K_TOP1 = {"a": "77.03", "f": "78.58", "p": "80.23", "n": "81.64", "t": "83.21", "s": "83.91"}
+_IN22K_TO_IN1K_384_TOP1 = {"s": "86.44", "b": "87.40", "l": "87.88", "xl": "87.96"}
+
+default_cfgs = generate_default_cfgs(
+    {
+        **{
+            f"unireplknet_{v}.in1k": _cfg(f"unireplknet_{v}_in1k_224_acc{acc}.pth")
+            for v, acc in _IN1K_TOP1.items()
+        },
+        **{
+            f"unireplknet_{v}.in22k_ft_in1k_384": _cfg(f"unireplknet_{v}_in22k_to_in1k_384_acc{acc}.pth", 384)
+            for v, acc in _IN22K_TO_IN1K_384_TOP1.items()
+        },
+        **{
+            f"unireplknet_{v}.in22k": _cfg(
+                f"unireplknet_{v}_in22k_pretrain.pth", 192 if v in ("l", "xl") else 224, num_classes=21841
+            )
+            for v in ("s", "b", "l", "xl")
+        },
+    }
+)
+
+
+def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    size = variant.split("_", 1)[1]
+    depths, dims = VARIANTS[size]
+    kwargs.setdefault("depths", depths)
+    kwargs.setdefault("dims", dims)
+    if kwargs.get("features_only"):
+        # the official features mode normalises every stage output (norm0..norm3)
+        kwargs.setdefault("output_norms", True)
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
+    return build_model_with_cfg(UniRepLKNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+
+
+@register_model
+def unireplknet_a(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-A: depths (2, 2, 6, 2), dims (40, 80, 160, 320); 4.65M parameters (train form, 1000 classes)."""
+    return _create_unireplknet("unireplknet_a", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_f(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-F: depths (2, 2, 6, 2), dims (48, 96, 192, 384); 6.49M parameters."""
+    return _create_unireplknet("unireplknet_f", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_p(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-P: depths (2, 2, 6, 2), dims (64, 128, 256, 512); 11.08M parameters."""
+    return _create_unireplknet("unireplknet_p", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_n(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-N: depths (2, 2, 8, 2), dims (80, 160, 320, 640); 18.82M parameters."""
+    return _create_unireplknet("unireplknet_n", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_t(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-T: depths (3, 3, 18, 3), dims (80, 160, 320, 640); 31.69M parameters."""
+    return _create_unireplknet("unireplknet_t", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_s(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-S: depths (3, 3, 27, 3), dims (96, 192, 384, 768); 56.46M parameters."""
+    return _create_unireplknet("unireplknet_s", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_b(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-B: depths (3, 3, 27, 3), dims (128, 256, 512, 1024); 99.09M parameters."""
+    return _create_unireplknet("unireplknet_b", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_l(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-L: depths (3, 3, 27, 3), dims (192, 384, 768, 1536); 220.08M parameters."""
+    return _create_unireplknet("unireplknet_l", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_xl(pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """UniRepLKNet-XL: depths (3, 3, 27, 3), dims (256, 512, 1024, 2048); 388.69M parameters."""
+    return _create_unireplknet("unireplknet_xl", pretrained, **kwargs)

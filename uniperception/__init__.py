@@ -1,0 +1,6 @@
+"""uniperception: one large-kernel ConvNet (UniRepLKNet) that perceives images, audio, video, point clouds and
+time series."""
+
+__version__ = "0.1.0"
+
+import backbones  # noqa: F401  (registers the UniRepLKNet variants with timm)
