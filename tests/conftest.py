@@ -1,0 +1,68 @@
+"""Shared helpers for the test suite: reference key lists and randomised model statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+import backbones  # noqa: F401  (registers the timm factories)
+from backbones.unireplknet import GRNwithNHWC, UniRepLKNetBlock
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def reference_keys(variant: str, form: str) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(name, shape) of every tensor of an official UniRepLKNet checkpoint (``form`` is train or deploy)."""
+    rows = []
+    for line in (FIXTURES / f"keys_unireplknet_{variant}_{form}.txt").read_text().splitlines():
+        name, shape = line.split("\t")
+        rows.append((name, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    return rows
+
+
+def state_dict_from_reference(variant: str, form: str, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A state dict with exactly the official keys and shapes, filled with plausible random values."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in reference_keys(variant, form):
+        if name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(1000, dtype=torch.long)
+        elif name.endswith("running_var"):
+            sd[name] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[name] = torch.randn(shape, generator=g) * 0.05
+    return sd
+
+
+def randomise_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, every GRN a non-zero gamma and beta, and
+    every block a layer scale far from its 1e-6 initialisation, so re-parameterisation is tested on real work."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=g) * 0.2)
+            elif isinstance(module, GRNwithNHWC):
+                module.gamma.copy_(torch.randn(module.gamma.shape, generator=g) * 0.2)
+                if module.use_bias:
+                    module.beta.copy_(torch.randn(module.beta.shape, generator=g) * 0.2)
+            elif isinstance(module, UniRepLKNetBlock) and module.gamma is not None:
+                module.gamma.copy_(torch.rand(module.gamma.shape, generator=g) * 0.4 + 0.1)
+    return model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
