@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One entry point for the README's quick start and for CI.
+#
+#   bash scripts/quickstart.sh demo   # install, then run the main job on built-in data
+#   bash scripts/quickstart.sh test   # install with the dev extras, then run the whole test suite
+#
+# It installs what it needs: the Debian libraries open3d links against (when missing, through apt-get as root or
+# with sudo) and the Python packages, into ./.venv unless a virtual environment is already active
+# (UNIPERCEPTION_VENV picks another folder). Extra arguments after "test" go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command="${1:-}"
+shift || true
+case "$command" in
+  demo|test) ;;
+  *) echo "usage: bash scripts/quickstart.sh demo|test [pytest arguments]" >&2; exit 2 ;;
+esac
+
+# --- Debian packages: open3d needs libusb, GL/EGL and X11 client libraries even when nothing is displayed
+debian_packages=(libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1)
+if command -v dpkg-query >/dev/null 2>&1; then
+  missing=()
+  for package in "${debian_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then sudo_cmd=(); elif command -v sudo >/dev/null 2>&1; then sudo_cmd=(sudo); else
+      echo "missing Debian packages: ${missing[*]} (install them as root: apt-get install ${missing[*]})" >&2; exit 1
+    fi
+    echo "installing Debian packages: ${missing[*]}"
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+# --- Python environment
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  venv="${UNIPERCEPTION_VENV:-.venv}"
+  python_bin="$(command -v python3.11 || command -v python3)"
+  [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
+  # shellcheck disable=SC1091
+  . "$venv/bin/activate"
+fi
+extras=""
+[ "$command" = test ] && extras="[dev]"
+python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+
+# --- the job
+if [ "$command" = demo ]; then
+  exec uniperception info --model unireplknet_a --image-size 224 --batch-size 8
+else
+  exec python -m pytest "$@"
+fi
