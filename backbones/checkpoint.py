@@ -9,7 +9,9 @@
 * a different class count (the head is dropped and the model keeps its own, freshly initialised head);
 * a different number of input channels (the stem's first conv is adapted with timm's ``adapt_input_conv``);
 * features-mode files (``norm0..norm3`` instead of ``norm``/``head``);
-* a train-form file into a deploy-form model (converted on the fly through a train-form twin).
+* a train-form file into a deploy-form model (converted on the fly through a train-form twin);
+* models pruned for feature extraction (timm's ``features_only`` with ``out_indices``): the tensors of the stages
+  they no longer have are dropped and reported.
 
 Anything else that does not fit raises :class:`~backbones.errors.CheckpointError` listing the missing, unexpected
 and mis-shaped keys.
@@ -18,6 +20,7 @@ and mis-shaped keys.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,11 +79,14 @@ def _describe(source: Source) -> str:
     return "<state dict>" if isinstance(source, Mapping) else str(source)
 
 
-def read_state_dict(source: Source) -> Dict[str, torch.Tensor]:
+def read_state_dict(source: Source, trusted: bool = False) -> Dict[str, torch.Tensor]:
     """Read a checkpoint and return a flat ``{name: tensor}`` dict of backbone tensors.
 
     Unwraps ``model``/``state_dict``/``module`` containers, strips ``module.`` (DDP) and ``backbone.`` prefixes and,
     when a ``backbone.`` prefix is present, drops everything outside the backbone (necks, decode heads).
+
+    Files are read with ``torch.load(weights_only=True)``, which cannot run code. Training checkpoints that also
+    pickle Python objects (argument namespaces, ...) need ``trusted=True``: only for files from a trusted source.
     """
     name = _describe(source)
     if isinstance(source, Mapping):
@@ -99,7 +105,19 @@ def read_state_dict(source: Source) -> Dict[str, torch.Tensor]:
 
                 obj = load_file(str(path), device="cpu")
             else:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+                obj = torch.load(str(path), map_location="cpu", weights_only=not trusted)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            if not found:
+                raise CheckpointError(
+                    f"{name}: cannot read checkpoint (the file is corrupt or not a PyTorch checkpoint: "
+                    f"{str(exc).splitlines()[-1] if str(exc) else type(exc).__name__})"
+                ) from exc
+            raise CheckpointError(
+                f"{name}: cannot read checkpoint safely: it pickles the Python object {found.group(1)} besides "
+                f"tensors (training code often stores its arguments); if you trust the file, load it with "
+                f"trusted=True"
+            ) from exc
         except Exception as exc:  # corrupt, truncated or not a checkpoint at all
             raise CheckpointError(
                 f"{name}: cannot read checkpoint ({type(exc).__name__}: {exc}); expected a PyTorch .pth file or a "
@@ -132,37 +150,75 @@ def is_train_form(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(_TRAIN_ONLY.search(k) for k in state_dict if k.startswith("stages."))
 
 
-def _to_deploy_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, name: str) -> Dict[str, torch.Tensor]:
-    """Convert a train-form state dict for ``model``'s architecture into its deploy form."""
+def _to_deploy_state_dict(
+    state_dict: Dict[str, torch.Tensor], model: nn.Module, name: str, strict: bool, report: "LoadReport"
+) -> Dict[str, torch.Tensor]:
+    """Convert a train-form state dict for ``model``'s architecture into its deploy form.
+
+    A train-form twin of the full architecture loads the file (with the same adaptations and strictness), is
+    re-parameterised, and hands over its tensors, except those it did not get from the file (a head it kept at
+    initialisation, say), so that the model keeps its own.
+    """
     from .unireplknet import UniRepLKNet
 
-    twin = UniRepLKNet(**{**model.config, "deploy": False})
-    load_checkpoint(twin, state_dict, strict=True, _name=name)
+    twin = UniRepLKNet(**{**model._arguments, "num_classes": model.num_classes, "deploy": False})
+    twin_report = load_checkpoint(twin, state_dict, strict=strict, _name=name)
     twin.eval().reparameterize()
-    return twin.state_dict()
+    converted = twin.state_dict()
+    not_from_file = set(twin_report.kept_initialised) | set(twin_report.missing)
+    not_from_file |= {entry.split(" ", 1)[0] for entry in twin_report.dropped if entry.startswith("head.")}
+    for key in not_from_file:
+        converted.pop(key, None)
+    report.adapted += twin_report.adapted
+    report.dropped += twin_report.dropped
+    report.missing += [k for k in twin_report.missing if not k.startswith("stages.")]
+    report.mismatched += twin_report.mismatched
+    report.unexpected += twin_report.unexpected
+    if any(k.startswith("stages.") for k in twin_report.missing):
+        # deploy tensors of blocks whose train-form tensors were missing cannot be trusted: leave them out
+        blocks = {".".join(k.split(".")[:3]) for k in twin_report.missing if k.startswith("stages.")}
+        for key in [k for k in converted if ".".join(k.split(".")[:3]) in blocks]:
+            converted.pop(key)
+    return converted
 
 
-def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, _name: str = None) -> LoadReport:
+def _pruned_stage(key: str, stages: int) -> bool:
+    """True if ``key`` belongs to a stage (or its downsampling layer or features-mode norm) the model does not have."""
+    match = re.match(r"^(?:stages|downsample_layers)\.(\d+)\.|^norm(\d)\.", key)
+    if not match:
+        return False
+    index = int(match.group(1) if match.group(1) is not None else match.group(2))
+    return index >= stages
+
+
+def load_checkpoint(
+    model: nn.Module, source: Source, strict: bool = True, trusted: bool = False, _name: str = None
+) -> LoadReport:
     """Load a checkpoint into a :class:`~backbones.unireplknet.UniRepLKNet` and report what was adapted.
 
     Args:
-        model: the model to fill (train or deploy form, any ``in_chans``, any ``num_classes``).
+        model: the model to fill (train or deploy form, any ``in_chans``, any ``num_classes``, pruned for features,
+            or timm's ``features_only`` wrapper around one).
         source: a file path or an in-memory state dict.
         strict: raise :class:`CheckpointError` if any tensor is missing, unexpected or mis-shaped after the
             adaptations listed in the module docstring; with ``False`` load what fits and report the rest.
+        trusted: allow files that pickle Python objects besides tensors (see :func:`read_state_dict`).
 
     Returns:
         a :class:`LoadReport`.
     """
+    if not hasattr(model, "_arguments") and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # timm's features_only wrapper
     name = _name or _describe(source)
-    state_dict = read_state_dict(source)
+    state_dict = read_state_dict(source, trusted=trusted)
     report = LoadReport(source=name)
     own = model.state_dict()
+    stages = len(getattr(model, "stages", ())) or 4
 
     model_deploy = getattr(model, "deploy", False)
     file_train = is_train_form(state_dict)
     if model_deploy and file_train:
-        state_dict = _to_deploy_state_dict(state_dict, model, name)
+        state_dict = _to_deploy_state_dict(state_dict, model, name, strict, report)
         report.adapted.append("train-form blocks re-parameterised into the deploy form")
     elif not model_deploy and not file_train and any(k.startswith("stages.") for k in state_dict):
         if any(k.startswith("stages.") and k not in own for k in state_dict):
@@ -170,6 +226,13 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, _name
                 f"{name}: holds a deploy-form (re-parameterised) model but the model is in train form; build it "
                 f"with deploy=True (or call model.reparameterize()) before loading"
             )
+
+    # stages the model was pruned of (features_only with out_indices)
+    pruned = [k for k in state_dict if k not in own and _pruned_stage(k, stages)]
+    for key in pruned:
+        state_dict.pop(key)
+    if pruned:
+        report.dropped.append(f"{len(pruned)} tensors of stages the model was pruned of (stage {stages + 1} on)")
 
     # stem: adapt the first conv to the model's input channels
     if _STEM_KEY in state_dict and _STEM_KEY in own:
@@ -187,10 +250,11 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, _name
             where = "the model has no classifier" if key not in own else f"the model's is {tuple(own[key].shape)}"
             report.dropped.append(f"{key} {shape} ({where})")
 
-    # features-mode norms the model does not have
-    for key in [k for k in state_dict if re.match(r"^norm[0-3]\.", k) and k not in own]:
+    # norms the model does not have: features-mode norms, or the head norm of a model pruned for features
+    for key in [k for k in state_dict if re.match(r"^norm[0-3]?\.", k) and k not in own]:
         state_dict.pop(key)
-        report.dropped.append(f"{key} (features-mode norm; build with output_norms=True to keep it)")
+        hint = "features-mode norm; build with output_norms=True to keep it" if key[4] != "." else "no head norm"
+        report.dropped.append(f"{key} ({hint})")
 
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -201,17 +265,19 @@ def load_checkpoint(model: nn.Module, source: Source, strict: bool = True, _name
     ]
     optional_missing = [k for k in missing if _OPTIONAL.search(k)]
     hard_missing = [k for k in missing if not _OPTIONAL.search(k)]
-    report.kept_initialised = [k for k in optional_missing if not k.endswith("num_batches_tracked")]
-    report.missing, report.unexpected, report.mismatched = hard_missing, unexpected, mismatched
+    report.kept_initialised += [k for k in optional_missing if not k.endswith("num_batches_tracked")]
+    report.missing += hard_missing
+    report.unexpected += unexpected
+    report.mismatched += mismatched
 
-    if strict and (hard_missing or unexpected or mismatched):
+    if strict and (report.missing or report.unexpected or report.mismatched):
         parts = [f"{name}: checkpoint does not fit the model"]
-        if hard_missing:
-            parts.append(f"missing {len(hard_missing)}: {_preview(hard_missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_preview(unexpected)}")
-        if mismatched:
-            parts.append(f"mis-shaped {len(mismatched)}: {_preview(mismatched)}")
+        if report.missing:
+            parts.append(f"missing {len(report.missing)}: {_preview(report.missing)}")
+        if report.unexpected:
+            parts.append(f"unexpected {len(report.unexpected)}: {_preview(report.unexpected)}")
+        if report.mismatched:
+            parts.append(f"mis-shaped {len(report.mismatched)}: {_preview(report.mismatched)}")
         config = getattr(model, "config", None)
         if config:
             parts.append(

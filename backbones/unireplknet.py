@@ -18,7 +18,10 @@ Shapes use ``(B, C, H, W)``; the pointwise part of each block runs channels-last
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -26,13 +29,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models._features import feature_take_indices
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models import register_model
 
 from .errors import CheckpointError, ConfigurationError, InputShapeError
+
+_logger = logging.getLogger(__name__)
 from .ops import DepthwiseConv2d
 
 __all__ = [
@@ -77,7 +83,9 @@ _DILATED_BRANCHES: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
 #: Kernel sizes a block accepts: plain depthwise conv for 3 and 5, Dilated Reparam Block for 7..17.
 SUPPORTED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13, 15, 17)
 
-MIN_INPUT_SIZE = 32  # total stride of the network: the last stage sees at least one pixel
+# The network's total stride. Smaller inputs would reach the last stages as maps made mostly of padding; the
+# supported range starts where the last stage sees one real pixel.
+MIN_INPUT_SIZE = 32
 
 
 def dilated_branches(kernel_size: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -91,48 +99,53 @@ def dilated_branches(kernel_size: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]
 
 
 def default_kernel_sizes(depths: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
-    """The official kernel plan for a depth tuple: stage 1 all 3, stages 2 and 4 all 13, stage 3 depends on depth.
+    """The official kernel plan for one of the official depth tuples.
 
-    Stage 3 is all 13 for A/F/P/N (depth 6 or 8), alternates 13,3 for T (depth 18) and repeats 13,3,3 for S/B/L/XL
-    (depth 27). Other depth tuples need an explicit plan.
+    Stage 1 is all 3 and stages 2 and 4 all 13; stage 3 is all 13 for A/F/P (2,2,6,2) and N (2,2,8,2), alternates
+    13,3 for T (3,3,18,3) and repeats 13,3,3 for S/B/L/XL (3,3,27,3). Other depth tuples need an explicit plan.
     """
-    depths = tuple(depths)
-    if len(depths) != 4:
-        raise ConfigurationError(f"UniRepLKNet has 4 stages, got depths {depths}")
-    d1, d2, d3, d4 = depths
-    if d3 in (6, 8):
-        stage3 = (13,) * d3
-    elif d3 == 18:
-        stage3 = (13, 3) * 9
-    elif d3 == 27:
-        stage3 = (13, 3, 3) * 9
-    else:
+    depths = tuple(int(d) for d in depths)
+    plans = {
+        (2, 2, 6, 2): (13,) * 6,
+        (2, 2, 8, 2): (13,) * 8,
+        (3, 3, 18, 3): (13, 3) * 9,
+        (3, 3, 27, 3): (13, 3, 3) * 9,
+    }
+    if depths not in plans:
         raise ConfigurationError(
-            f"no default kernel plan for depths {depths}: pass kernel_sizes=((...), (...), (...), (...)) "
-            f"with one kernel size per block"
+            f"no default kernel plan for depths {depths} (official depths: {', '.join(map(str, plans))}); pass "
+            f"kernel_sizes with one size per stage, e.g. (3, 13, 13, 13), or one tuple of sizes per stage"
         )
-    return ((3,) * d1, (13,) * d2, stage3, (13,) * d4)
+    d1, d2, _, d4 = depths
+    return ((3,) * d1, (13,) * d2, plans[depths], (13,) * d4)
 
 
 def _resolve_kernel_sizes(depths: Sequence[int], kernel_sizes) -> Tuple[Tuple[int, ...], ...]:
     """Accept ``None`` (official plan), one int per stage, or one tuple of ints per stage."""
     if kernel_sizes is None:
         return default_kernel_sizes(depths)
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence):
+        raise ConfigurationError(
+            f"kernel_sizes must be a sequence with one entry per stage, e.g. (3, 13, 13, 11); got {kernel_sizes!r}"
+        )
     if len(kernel_sizes) != len(depths):
         raise ConfigurationError(f"kernel_sizes needs one entry per stage ({len(depths)}), got {kernel_sizes!r}")
     plan = []
     for stage, (depth, ks) in enumerate(zip(depths, kernel_sizes)):
-        ks = (int(ks),) * depth if isinstance(ks, int) else tuple(int(k) for k in ks)
-        if len(ks) != depth:
+        entries = (ks,) * depth if not isinstance(ks, Sequence) else tuple(ks)
+        if not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in entries):
+            raise ConfigurationError(f"stage {stage + 1}: kernel sizes must be integers, got {ks!r}")
+        entries = tuple(int(k) for k in entries)
+        if len(entries) != depth:
             raise ConfigurationError(
-                f"stage {stage + 1} has {depth} blocks but kernel_sizes gives {len(ks)}: {ks}"
+                f"stage {stage + 1} has {depth} blocks but kernel_sizes gives {len(entries)}: {entries}"
             )
-        bad = sorted({k for k in ks if k not in SUPPORTED_KERNEL_SIZES})
+        bad = sorted({k for k in entries if k not in SUPPORTED_KERNEL_SIZES})
         if bad:
             raise ConfigurationError(
                 f"stage {stage + 1}: unsupported kernel sizes {bad}; supported: {SUPPORTED_KERNEL_SIZES}"
             )
-        plan.append(ks)
+        plan.append(entries)
     return tuple(plan)
 
 
@@ -386,6 +399,35 @@ class UniRepLKNetBlock(nn.Module):
 # The network
 
 
+@contextlib.contextmanager
+def _batchnorm_statistics_frozen(module: nn.Module):
+    """Keep BatchNorm running statistics unchanged while ``module`` is recomputed for gradient checkpointing.
+
+    The recomputation runs every BatchNorm a second time on the same batch; without this the running statistics
+    would be updated twice per step.
+    """
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def _check_pooling(global_pool: str, num_classes: int) -> None:
+    if global_pool not in ("avg", ""):
+        raise ConfigurationError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    if global_pool == "" and num_classes > 0:
+        raise ConfigurationError(
+            "global_pool='' keeps the (B, C, H, W) map and needs num_classes=0; the classifier works on pooled features"
+        )
+
+
 class UniRepLKNet(nn.Module):
     """UniRepLKNet for any number of input channels.
 
@@ -402,7 +444,10 @@ class UniRepLKNet(nn.Module):
         deploy: build the deploy form directly (no BatchNorm, merged kernels).
         output_norms: add the LayerNorms ``norm0..norm3`` of the official features mode; applied to the stage
             outputs returned by :meth:`forward_intermediates` (used for detection and segmentation checkpoints).
-        global_pool: ``"avg"`` (mean over H, W) or ``""`` to keep the map in :meth:`forward_head`.
+        global_pool: ``"avg"`` (mean over H, W) or ``""`` to keep the map (only with ``num_classes=0``).
+        drop_rate: dropout on the pooled features before the classifier (0 in every official recipe).
+        depthwise_backend: force a backend of :func:`backbones.ops.depthwise_conv2d` for every depthwise layer;
+            ``None`` lets the dispatcher choose per call.
     """
 
     def __init__(
@@ -418,6 +463,8 @@ class UniRepLKNet(nn.Module):
         deploy: bool = False,
         output_norms: bool = False,
         global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        depthwise_backend: Optional[str] = None,
         **kwargs: Any,
     ):
         super().__init__()
@@ -428,8 +475,7 @@ class UniRepLKNet(nn.Module):
             raise ConfigurationError(f"UniRepLKNet needs 4 depths and 4 dims, got depths={depths}, dims={dims}")
         if in_chans < 1:
             raise ConfigurationError(f"in_chans must be at least 1, got {in_chans}")
-        if global_pool not in ("avg", ""):
-            raise ConfigurationError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_pooling(global_pool, num_classes)
         self.kernel_sizes = _resolve_kernel_sizes(depths, kernel_sizes)
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -437,10 +483,10 @@ class UniRepLKNet(nn.Module):
         self.global_pool = global_pool
         self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = dims[-1]
-        self.config = dict(
-            in_chans=in_chans, num_classes=num_classes, depths=depths, dims=dims, kernel_sizes=self.kernel_sizes,
+        self._arguments = dict(
+            in_chans=in_chans, depths=depths, dims=dims, kernel_sizes=self.kernel_sizes,
             drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
-            head_init_scale=head_init_scale, deploy=deploy, output_norms=output_norms, global_pool=global_pool,
+            head_init_scale=head_init_scale, output_norms=output_norms, drop_rate=drop_rate,
         )
 
         self.downsample_layers = nn.ModuleList()
@@ -484,9 +530,12 @@ class UniRepLKNet(nn.Module):
                 self.add_module(f"norm{i}", LayerNorm2d(dims[i], eps=1e-6))
 
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
+        if depthwise_backend is not None:
+            self.set_depthwise_backend(depthwise_backend)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
@@ -529,12 +578,10 @@ class UniRepLKNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the head with a freshly initialised ``Linear(C4, num_classes)`` (``Identity`` for 0)."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ConfigurationError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+        global_pool = self.global_pool if global_pool is None else global_pool
+        _check_pooling(global_pool, num_classes)
+        self.global_pool = global_pool
         self.num_classes = num_classes
-        self.config["num_classes"] = num_classes
         ref = self.downsample_layers[0][0].weight
         if num_classes > 0:
             self.head = nn.Linear(self.num_features, num_classes).to(device=ref.device, dtype=ref.dtype)
@@ -549,6 +596,11 @@ class UniRepLKNet(nn.Module):
         if x.ndim != 4:
             raise InputShapeError(
                 f"UniRepLKNet expects a 4-D input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise InputShapeError(
+                f"UniRepLKNet expects a floating-point input, got {x.dtype}; convert it (e.g. x.float() / 255) and "
+                f"normalise it first"
             )
         if x.shape[1] != self.in_chans:
             raise InputShapeError(
@@ -573,7 +625,12 @@ class UniRepLKNet(nn.Module):
     def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample_layers[index](x)
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            return checkpoint_seq(self.stages[index], x)
+            for block in self.stages[index]:
+                x = checkpoint(
+                    block, x, use_reentrant=False,
+                    context_fn=lambda block=block: (contextlib.nullcontext(), _batchnorm_statistics_frozen(block)),
+                )
+            return x
         return self.stages[index](x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -587,6 +644,7 @@ class UniRepLKNet(nn.Module):
         """Mean over (H, W), LayerNorm, then the classifier; ``pre_logits=True`` stops before the classifier."""
         if self.global_pool == "avg":
             x = self.norm(x.mean(dim=(-2, -1)))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -657,7 +715,27 @@ class UniRepLKNet(nn.Module):
         for module in self.modules():
             if isinstance(module, UniRepLKNetBlock):
                 module.reparameterize()
-        self.config["deploy"] = True
+        return self
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments that rebuild this model's architecture in its current state."""
+        return dict(
+            self._arguments, num_classes=self.num_classes, global_pool=self.global_pool, deploy=self.deploy,
+        )
+
+    def set_depthwise_backend(self, backend: Optional[str]) -> "UniRepLKNet":
+        """Force ``backend`` (a name from :func:`backbones.ops.available_backends`) for every depthwise layer, or let
+        the dispatcher choose again with ``None``."""
+        from .ops import available_backends
+
+        if backend is not None and backend not in available_backends():
+            raise ConfigurationError(
+                f"unknown depthwise backend {backend!r}; registered backends: {', '.join(available_backends())}"
+            )
+        for module in self.modules():
+            if isinstance(module, DepthwiseConv2d):
+                module.backend = backend
         return self
 
     def load_pretrained(self, path: Union[str, os.PathLike], strict: bool = True):
@@ -667,7 +745,9 @@ class UniRepLKNet(nn.Module):
         """
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(self, resolve_weights_path(path), strict=strict)
+        report = load_checkpoint(self, resolve_weights_path(path), strict=strict)
+        _logger.info("%s", report)
+        return report
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -688,7 +768,7 @@ def resolve_weights_path(path: Union[str, os.PathLike]) -> Path:
     if candidate.exists():
         return candidate
     in_dir = weights_dir() / candidate.name
-    if in_dir.exists():
+    if str(path) == candidate.name and in_dir.exists():  # only bare file names are looked up in the folder
         return in_dir
     raise CheckpointError(
         f"checkpoint file {str(path)!r} not found (also looked in {str(weights_dir())!r}, set "

@@ -44,8 +44,14 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 extras=""
 [ "$command" = test ] && extras="[dev]"
-python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+log="$(mktemp -t uniperception-install.XXXXXX)"
+echo "installing Python packages (log: $log)"
+if ! { python -m pip install --disable-pip-version-check --upgrade pip &&
+       python -m pip install --disable-pip-version-check -e ".${extras}"; } >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  echo "installing the Python packages failed; the whole log is in $log" >&2
+  exit 1
+fi
 
 # --- the job
 if [ "$command" = demo ]; then

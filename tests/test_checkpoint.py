@@ -213,3 +213,63 @@ def test_files_without_tensors_or_with_foreign_objects_are_refused(tmp_path):
     torch.save([torch.zeros(1)], listing)
     with pytest.raises(CheckpointError, match="expected a state dict"):
         read_state_dict(listing)
+
+
+def test_official_file_into_a_pruned_features_model(tmp_path):
+    sd, path = small_file(tmp_path, lambda sd: {"model": sd})
+    features = timm.create_model("unireplknet_a", features_only=True, out_indices=(0, 1))
+    report = load_checkpoint(features, path)  # the timm wrapper itself is accepted
+    assert any("pruned" in d for d in report.dropped)
+    assert any(d.startswith("norm.weight") for d in report.dropped)
+    assert torch.equal(features.model.stages[1][0].dwconv.lk_origin.weight, sd["stages.1.0.dwconv.lk_origin.weight"])
+    assert [m.shape[1] for m in features(torch.randn(1, 3, 64, 64))] == [40, 80]
+
+    deploy_features = timm.create_model("unireplknet_a", features_only=True, out_indices=(0, 1, 2), deploy=True)
+    report = load_checkpoint(deploy_features, path)
+    assert any("re-parameterised" in a for a in report.adapted)
+    assert len(deploy_features.model.stages) == 3
+
+
+def test_train_file_into_a_deploy_model_reports_like_a_train_model(tmp_path):
+    sd, path = small_file(tmp_path, lambda sd: sd)
+    deploy = timm.create_model("unireplknet_a", deploy=True, num_classes=10)
+    head_before = deploy.head.weight.clone()
+    report = load_checkpoint(deploy, path)
+    assert any(d.startswith("head.weight (1000, 320)") for d in report.dropped)
+    assert torch.equal(deploy.head.weight, head_before)  # the model keeps its own head
+    assert torch.equal(deploy.norm.weight, sd["norm.weight"])
+
+    # strictness passes through to the conversion
+    del sd["stages.2.3.dwconv.dil_conv_k3_4.weight"]
+    with pytest.raises(CheckpointError, match="missing 1: stages.2.3.dwconv.dil_conv_k3_4.weight"):
+        load_checkpoint(timm.create_model("unireplknet_a", deploy=True), sd)
+    partial = timm.create_model("unireplknet_a", deploy=True)
+    block_before = partial.stages[2][3].dwconv.lk_origin.weight.clone()
+    report = load_checkpoint(partial, sd, strict=False)
+    assert torch.equal(partial.stages[2][3].dwconv.lk_origin.weight, block_before)  # incomplete block left alone
+    assert torch.equal(partial.stages[2][2].pwconv1[1].weight, sd["stages.2.2.pwconv1.1.weight"])
+
+
+def test_training_checkpoints_with_python_objects_need_trust(tmp_path):
+    import argparse
+
+    sd = state_dict_from_reference("a", "train")
+    path = tmp_path / "training_run.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=4e-3, epochs=300)}, path)
+    with pytest.raises(CheckpointError, match="argparse.Namespace.*trusted=True"):
+        load_checkpoint(timm.create_model("unireplknet_a"), path)
+    model = timm.create_model("unireplknet_a")
+    load_checkpoint(model, path, trusted=True)
+    assert torch.equal(model.head.bias, sd["head.bias"])
+
+
+def test_full_paths_are_never_redirected_to_the_weights_folder(tmp_path, monkeypatch):
+    from backbones.unireplknet import resolve_weights_path
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "checkpoint.pth").write_bytes(b"x")
+    monkeypatch.setenv("UNIPERCEPTION_WEIGHTS", str(weights))
+    assert resolve_weights_path("checkpoint.pth") == weights / "checkpoint.pth"
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_weights_path(str(tmp_path / "my_run" / "checkpoint.pth"))

@@ -63,4 +63,16 @@ def test_backbone_example_runs(tmp_path, capsys):
     assert namespace["main"](["--checkpoint", str(path), "--image-size", "64", "--onnx", str(tmp_path / "a.onnx")]) == 0
     out = capsys.readouterr().out
     assert "downsample_layers.0.0.weight: 3 -> 1 input channels" in out
-    assert "deploy form: 4.4" in out and (tmp_path / "a.onnx").exists()
+    assert "train form: 4.34M parameters" in out and "deploy form: 4.13M parameters" in out
+    assert "features: (1, 80, 8, 8), (1, 160, 4, 4), (1, 320, 2, 2)" in out
+    assert (tmp_path / "a.onnx").stat().st_size > 100_000
+
+
+def test_info_refuses_bad_options_with_one_line(capsys):
+    assert main(["info", "--kernel-sizes", "3,13,x"]) == 2
+    assert "one integer per stage" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["info", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["info", "--device", "tpu-9"]) == 2
+    assert "--device must be" in capsys.readouterr().err

@@ -101,3 +101,9 @@ def test_wrong_rank_is_a_clear_error(shape):
         model(torch.randn(*shape))
     with pytest.raises(InputShapeError):
         model.forward_intermediates(torch.randn(*shape))
+
+
+def test_integer_images_are_refused_with_a_hint():
+    model = timm.create_model("unireplknet_a").eval()
+    with pytest.raises(InputShapeError, match="floating-point input, got torch.uint8"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))

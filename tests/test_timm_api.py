@@ -64,26 +64,52 @@ def test_forward_intermediates():
         assert torch.equal(early[0], maps[0])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_training_step():
     torch.manual_seed(0)
-    model = timm.create_model("unireplknet_a", num_classes=3)
-    randomise_statistics(model)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
-    model.train()
 
-    def gradients():
-        model.zero_grad()
-        state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    def step(checkpointing):
+        torch.manual_seed(1)
+        model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=3, drop_path_rate=0.1))
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        model.stages[2][0].register_forward_pre_hook(lambda *_: calls.append(1))
+        model.train()
+        torch.manual_seed(2)  # the same drop-path draws in both runs
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        model.load_state_dict({**model.state_dict(), **state})  # undo the running-statistics update
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+        return len(calls), grads, buffers
 
-    plain = gradients()
-    model.set_grad_checkpointing(True)
-    checkpointed = gradients()
+    plain_calls, plain, plain_buffers = step(False)
+    checkpointed_calls, checkpointed, checkpointed_buffers = step(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the block really was recomputed in the backward pass
     assert plain.keys() == checkpointed.keys() and len(plain) > 100
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-7), name
+    # BatchNorm statistics are updated once per step, as without checkpointing
+    for name in plain_buffers:
+        assert torch.allclose(plain_buffers[name], checkpointed_buffers[name]), name
+
+
+def test_a_depthwise_backend_can_be_chosen_for_the_whole_model():
+    from backbones import ConfigurationError
+    from backbones.ops import DepthwiseConv2d, register_backend
+
+    calls = []
+
+    def counting(x, weight, bias):
+        calls.append(weight.shape[-1])
+        return torch.nn.functional.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+    register_backend("counting", counting)
+    model = timm.create_model("unireplknet_a", depthwise_backend="counting").eval()
+    model(torch.randn(1, 3, 64, 64))
+    assert sorted(set(calls)) == [3, 13] and len(calls) == 12  # 12 blocks: 4 with K=3, 8 with K=13
+    model.set_depthwise_backend(None)
+    assert all(m.backend is None for m in model.modules() if isinstance(m, DepthwiseConv2d))
+    with pytest.raises(ConfigurationError, match="unknown depthwise backend 'cudnn9'"):
+        model.set_depthwise_backend("cudnn9")
 
 
 def test_no_weight_decay_names_layer_scale_and_grn():

@@ -120,3 +120,46 @@ def test_initialisation_follows_the_recipe():
     assert torch.all(m.downsample_layers[0][1].weight == 1)
     # head scaled by head_init_scale
     assert m.head.weight.std().item() < 0.02 * 0.001 * 1.2
+
+
+@pytest.mark.parametrize("depths", [(3, 3, 6, 3), (1, 1, 8, 1), (2, 2, 27, 2)])
+def test_only_the_official_depth_tuples_have_a_default_plan(depths):
+    with pytest.raises(ConfigurationError, match="no default kernel plan"):
+        UniRepLKNet(depths=depths, dims=(8, 16, 32, 64))
+
+
+@pytest.mark.parametrize("plan", [13, "3,13,13,13", (3, 13, 13, 11.5), (3, 13, (13, 3.0) * 3, 13)])
+def test_malformed_kernel_plans_are_configuration_errors(plan):
+    with pytest.raises(ConfigurationError):
+        UniRepLKNet(depths=(2, 2, 6, 2), dims=(8, 16, 32, 64), kernel_sizes=plan)
+
+
+def test_kernel_plan_accepts_lists_and_numpy_integers():
+    import numpy as np
+
+    m = UniRepLKNet(depths=(2, 2, 6, 2), dims=(8, 16, 32, 64), kernel_sizes=[3, [13, 13], list(np.full(6, 11)), 13])
+    assert kernels(m)[2] == (11,) * 6 and m.config["kernel_sizes"][2] == (11,) * 6
+
+
+def test_classifier_dropout_and_pooling_arguments():
+    model = timm.create_model("unireplknet_a", drop_rate=0.0, num_classes=3)  # what timm's train.py passes
+    assert model.head_drop.p == 0.0
+    with pytest.raises(ConfigurationError, match="needs num_classes=0"):
+        timm.create_model("unireplknet_a", global_pool="", num_classes=10)
+    with pytest.raises(ConfigurationError, match="needs num_classes=0"):
+        model.reset_classifier(5, global_pool="")
+
+
+def test_config_rebuilds_the_model_in_its_current_state():
+    from timm.utils import reparameterize_model
+
+    model = timm.create_model("unireplknet_a", in_chans=2, num_classes=7, kernel_sizes=(3, 13, 13, 11))
+    assert model.config["deploy"] is False
+    deployed = reparameterize_model(model)
+    assert deployed.config["deploy"] is True
+    twin = UniRepLKNet(**deployed.config)
+    assert [(k, v.shape) for k, v in twin.state_dict().items()] == [
+        (k, v.shape) for k, v in deployed.state_dict().items()
+    ]
+    model.reset_classifier(4)
+    assert model.config["num_classes"] == 4

@@ -60,7 +60,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     kwargs = dict(in_chans=args.in_chans, num_classes=args.num_classes)
     if args.kernel_sizes:
-        kwargs["kernel_sizes"] = tuple(int(k) for k in args.kernel_sizes.split(","))
+        try:
+            kwargs["kernel_sizes"] = tuple(int(k) for k in args.kernel_sizes.split(","))
+        except ValueError:
+            raise ConfigurationError(
+                f"--kernel-sizes takes one integer per stage separated by commas, e.g. 3,13,13,11; "
+                f"got {args.kernel_sizes!r}"
+            ) from None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigurationError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("--device cuda was asked for but PyTorch sees no CUDA GPU on this machine")
     try:
         model = timm.create_model(args.model, **kwargs)
     except RuntimeError as exc:
@@ -71,7 +83,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.checkpoint:
         report = backbones.load_checkpoint(model, args.checkpoint, strict=True)
         print(report)
-    device = torch.device(args.device)
     model = model.to(device).eval()
     size = args.image_size
     torch.manual_seed(0)
@@ -115,6 +126,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"deploy form speed-up: {rows[1][3] / rows[0][3]:.2f}x")
         print(f"train vs deploy outputs: max |diff| {result['reparam_max_abs_diff']:.3g}, "
               f"relative error {result['reparam_relative_error']:.3g}")
+        if not args.checkpoint:
+            print("(random initialisation: layer scale starts at 1e-6, so the blocks barely touch the output; "
+                  "pass --checkpoint for a check on trained weights)")
     return 0
 
 
