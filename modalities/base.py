@@ -1,0 +1,157 @@
+"""The adapter contract and the modality registry.
+
+An adapter turns raw data of one modality into the ``(B, C', H, W)`` embedding map the shared backbone reads:
+
+``load(source) -> raw``
+    read a path, bytes, a file object, an array or a tensor into the modality's raw form (no resizing, no
+    normalisation), raising :class:`~modalities.errors.InvalidInputError` that names the source on any problem;
+``preprocess(raw) -> (C', H, W)``
+    the fixed, deterministic per-sample transform (it runs in DataLoader workers);
+``augment(sample) -> (C', H, W)``
+    train-time augmentation of one preprocessed sample (identity by default);
+``collate(samples) -> (B, C', H, W)``
+    stack preprocessed samples into a batch;
+``forward(batch) -> (B, C', H, W)``
+    the learnable part (identity for modalities that have none);
+``config``
+    a JSON-serialisable dict; ``create_adapter(name, **config)`` rebuilds the same adapter.
+
+Adapters register with :func:`register_modality`; other installed packages add theirs through the Python
+entry-point group ``uniperception.modalities`` (each entry point names an adapter class), so a new modality needs no
+fork.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from typing import Any, Callable, Dict, List, Sequence, Type
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError, ModalityError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ModalityAdapter",
+    "create_adapter",
+    "list_modalities",
+    "register_modality",
+]
+
+ENTRY_POINT_GROUP = "uniperception.modalities"
+
+_REGISTRY: Dict[str, Type["ModalityAdapter"]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+class ModalityAdapter(nn.Module):
+    """Base class of the modality adapters (see the module docstring for the contract)."""
+
+    #: registered name, set by :func:`register_modality`
+    name: str = ""
+
+    def __init__(self, **config: Any):
+        super().__init__()
+        try:
+            json.dumps(config)
+        except TypeError as exc:
+            raise ModalityError(f"{type(self).__name__} config must be JSON-serialisable: {exc}") from None
+        self._config = dict(config)
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The keyword arguments that rebuild this adapter with :func:`create_adapter`."""
+        return dict(self._config)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels ``C'`` of the embedding map the backbone's stem receives."""
+        raise NotImplementedError
+
+    def load(self, source: Any) -> Any:
+        raise NotImplementedError
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def augment(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample
+
+    def prepare(self, source: Any, train: bool = False) -> torch.Tensor:
+        """``load``, ``preprocess`` and, for training, ``augment`` one source: ``(C', H, W)``."""
+        sample = self.preprocess(self.load(source))
+        return self.augment(sample) if train else sample
+
+    def collate(self, samples: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack preprocessed samples ``(C', H, W)`` into a batch ``(B, C', H, W)``."""
+        if len(samples) == 0:
+            raise InvalidInputError(f"{self.name}: cannot collate an empty list of samples")
+        shapes = {tuple(s.shape) for s in samples}
+        if len(shapes) != 1:
+            raise InvalidInputError(f"{self.name}: samples of different shapes cannot form a batch: {sorted(shapes)}")
+        return torch.stack(list(samples))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The learnable embedding; identity for modalities without one. ``(B, C', H, W) -> (B, C', H, W)``."""
+        if batch.ndim != 4 or batch.shape[1] != self.out_channels:
+            raise InvalidInputError(
+                f"{self.name}: expected a preprocessed batch (B, {self.out_channels}, H, W), got {tuple(batch.shape)}"
+            )
+        return batch
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+
+
+def register_modality(name: str) -> Callable[[Type[ModalityAdapter]], Type[ModalityAdapter]]:
+    """Class decorator: register an adapter class under ``name``."""
+
+    def decorate(cls: Type[ModalityAdapter]) -> Type[ModalityAdapter]:
+        if not (isinstance(cls, type) and issubclass(cls, ModalityAdapter)):
+            raise ModalityError(f"register_modality({name!r}) needs a ModalityAdapter subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            raise ModalityError(f"modality {name!r} is already registered by {existing.__module__}.{existing.__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = entry_point.load()
+        except Exception as exc:  # a broken plugin must not break the built-in modalities
+            import warnings
+
+            warnings.warn(f"modality plugin {entry_point.name!r} ({entry_point.value}) failed to load: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        if entry_point.name not in _REGISTRY:
+            register_modality(entry_point.name)(cls)
+
+
+def list_modalities() -> List[str]:
+    """Names of the registered modalities, plugins included."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def create_adapter(name: str, **config: Any) -> ModalityAdapter:
+    """Build the adapter registered as ``name`` with ``config``."""
+    _load_entry_points()
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ModalityError(
+            f"unknown modality {name!r}; registered modalities: {', '.join(sorted(_REGISTRY)) or 'none'}"
+        ) from None
+    return cls(**config)

@@ -1,0 +1,184 @@
+"""The adapter registry and the image adapter, on real files written by Pillow."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modalities import ImageAdapter, InvalidInputError, ModalityAdapter, ModalityError, create_adapter
+from modalities import list_modalities, register_modality
+from modalities.image import IMAGENET_MEAN, IMAGENET_STD
+
+
+def gradient_image(width=64, height=48):
+    """An RGB image whose red channel rises left to right and green channel top to bottom."""
+    x = np.linspace(0, 255, width, dtype=np.float64)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.float64)[:, None].repeat(width, 1)
+    return np.stack([x, y, np.full_like(x, 128)], axis=-1).round().astype(np.uint8)
+
+
+def test_registry_lists_and_rebuilds_adapters():
+    assert "image" in list_modalities()
+    adapter = create_adapter("image", image_size=96, crop_pct=0.9)
+    config = json.loads(json.dumps(adapter.config))
+    rebuilt = create_adapter("image", **config)
+    assert rebuilt.config == adapter.config and isinstance(rebuilt, ImageAdapter)
+    with pytest.raises(ModalityError, match="unknown modality 'smell'; registered modalities: .*image"):
+        create_adapter("smell")
+
+
+def test_registering_a_new_modality():
+    @register_modality("constant_test")
+    class Constant(ModalityAdapter):
+        def __init__(self, size=32):
+            super().__init__(size=size)
+            self.size = size
+
+        @property
+        def out_channels(self):
+            return 1
+
+        def load(self, source):
+            return float(source)
+
+        def preprocess(self, raw):
+            return torch.full((1, self.size, self.size), raw)
+
+    adapter = create_adapter("constant_test", size=40)
+    assert adapter.prepare(2).shape == (1, 40, 40) and "constant_test" in list_modalities()
+    with pytest.raises(ModalityError, match="already registered"):
+        register_modality("image")(Constant)
+    with pytest.raises(ModalityError, match="JSON-serialisable"):
+        Constant(size=object())
+
+
+@pytest.mark.parametrize("fmt, suffix, mode", [
+    ("JPEG", "jpg", "RGB"), ("PNG", "png", "RGB"), ("PNG", "png", "RGBA"), ("PNG", "png", "L"),
+    ("PNG", "png", "LA"), ("PNG", "png", "P"), ("WEBP", "webp", "RGB"), ("BMP", "bmp", "RGB"),
+    ("TIFF", "tif", "RGB"), ("GIF", "gif", "P"),
+])
+def test_every_format_loads_as_rgb(tmp_path, fmt, suffix, mode):
+    image = Image.fromarray(gradient_image()).convert(mode)
+    path = tmp_path / f"picture.{suffix}"
+    image.save(path, format=fmt)
+    adapter = ImageAdapter(image_size=32)
+    raw = adapter.load(path)
+    assert raw.mode == "RGB" and raw.size == (64, 48)
+    sample = adapter.preprocess(raw)
+    assert sample.shape == (3, 32, 32) and sample.dtype == torch.float32 and torch.isfinite(sample).all()
+    # the same file as bytes and as a file object
+    data = path.read_bytes()
+    assert torch.equal(adapter.prepare(data), sample)
+    with open(path, "rb") as f:
+        assert torch.equal(adapter.prepare(f), sample)
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (40, 40), color) for color in ((255, 0, 0), (0, 0, 255))]
+    path = tmp_path / "blink.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    raw = ImageAdapter(image_size=32).load(path)
+    assert raw.getpixel((20, 20)) == (255, 0, 0)
+
+
+def test_16_bit_images_keep_their_full_range(tmp_path):
+    array = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    path = tmp_path / "depth.png"
+    Image.fromarray(array).save(path)
+    raw = ImageAdapter(image_size=32).load(path)
+    pixels = np.asarray(raw)
+    assert pixels.min() == 0 and pixels.max() == 255 and (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_arrays_and_tensors():
+    adapter = ImageAdapter(image_size=32)
+    rgb = gradient_image()
+    from_array = adapter.prepare(rgb)
+    from_tensor = adapter.prepare(torch.from_numpy(rgb).permute(2, 0, 1))
+    from_float = adapter.prepare(rgb.astype(np.float32) / 255)
+    assert torch.equal(from_array, from_tensor) and torch.allclose(from_array, from_float)
+    assert adapter.prepare(rgb[..., 0]).shape == (3, 32, 32)          # grey (H, W)
+    assert adapter.prepare(np.dstack([rgb, rgb[..., :1]])).shape == (3, 32, 32)  # RGBA
+
+
+def test_eval_transform_resizes_then_centre_crops_and_normalises():
+    adapter = ImageAdapter(image_size=64)
+    # a 128x96 image whose centre 64x64 after resizing to short side 73 (64 / 0.875) is a known colour block
+    image = np.zeros((96, 128, 3), dtype=np.uint8)
+    image[:, :, 0] = 255
+    sample = adapter.prepare(image)
+    assert sample.shape == (3, 64, 64)
+    expected = torch.tensor([(1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], -IMAGENET_MEAN[1] / IMAGENET_STD[1],
+                             -IMAGENET_MEAN[2] / IMAGENET_STD[2]])
+    assert torch.allclose(sample.mean(dim=(1, 2)), expected, atol=1e-3)
+    # the crop keeps the centre: a left-to-right ramp keeps its middle value in the middle column
+    ramp = ImageAdapter(image_size=32, crop_pct=0.5).prepare(gradient_image(128, 128))
+    red = ramp[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    assert abs(red[:, 16].mean().item() - 0.5) < 0.02 and red[:, 0].mean() > 0.2 and red[:, -1].mean() < 0.8
+
+
+def test_large_sizes_resize_straight_without_cropping():
+    adapter = ImageAdapter(image_size=384)
+    ramp = adapter.prepare(gradient_image(200, 100))
+    red = ramp[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    assert ramp.shape == (3, 384, 384)
+    assert red[:, 0].mean() < 0.01 and red[:, -1].mean() > 0.99  # the whole width survives
+
+
+def test_train_transform_is_random_and_has_the_eval_shape():
+    adapter = ImageAdapter(image_size=48)
+    image = gradient_image(80, 60)
+    torch.manual_seed(0)
+    first, second = adapter.prepare(image, train=True), adapter.prepare(image, train=True)
+    assert first.shape == second.shape == (3, 48, 48)
+    assert not torch.equal(first, second)
+    batch = adapter.collate([first, second])
+    assert batch.shape == (2, 3, 48, 48) and torch.equal(adapter(batch), batch)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.png", None, "no such image file"),
+    ("empty.png", b"", "the file is empty"),
+    ("text.jpg", b"not an image", "not a readable image"),
+])
+def test_bad_files_raise_invalid_input_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InvalidInputError, match=message) as info:
+        ImageAdapter().load(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_file(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(gradient_image(200, 200)).save(buffer, format="PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(InvalidInputError, match="cut.png: not a readable image"):
+        ImageAdapter().load(path)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((0, 10, 3), np.uint8), "empty"),
+    (np.zeros((4, 10, 10, 3), np.uint8), "expected an image array"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((8, 8, 3), 7.0, np.float32), r"values in \[0, 1\]"),
+    (np.zeros((8, 8, 3), np.int16), "signed integer"),
+])
+def test_bad_arrays_raise_invalid_input(array, message):
+    with pytest.raises(InvalidInputError, match=message):
+        ImageAdapter().load(array)
+
+
+def test_collate_and_forward_refuse_mismatched_input():
+    adapter = ImageAdapter(image_size=32)
+    with pytest.raises(InvalidInputError, match="different shapes"):
+        adapter.collate([torch.zeros(3, 32, 32), torch.zeros(3, 40, 40)])
+    with pytest.raises(InvalidInputError, match="empty list"):
+        adapter.collate([])
+    with pytest.raises(InvalidInputError, match=r"\(B, 3, H, W\)"):
+        adapter(torch.zeros(2, 1, 32, 32))
