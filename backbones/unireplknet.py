@@ -725,14 +725,12 @@ class UniRepLKNet(nn.Module):
         )
 
     def set_depthwise_backend(self, backend: Optional[str]) -> "UniRepLKNet":
-        """Force ``backend`` (a name from :func:`backbones.ops.available_backends`) for every depthwise layer, or let
-        the dispatcher choose again with ``None``."""
-        from .ops import available_backends
+        """Force ``backend`` (``"auto"`` or a name from :func:`backbones.ops.available_backends`) for every
+        depthwise layer, or follow the context, environment and policy again with ``None``."""
+        from .ops.depthwise import _check_name
 
-        if backend is not None and backend not in available_backends():
-            raise ConfigurationError(
-                f"unknown depthwise backend {backend!r}; registered backends: {', '.join(available_backends())}"
-            )
+        if backend is not None:
+            _check_name(backend, "set_depthwise_backend")
         for module in self.modules():
             if isinstance(module, DepthwiseConv2d):
                 module.backend = backend

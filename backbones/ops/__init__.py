@@ -1,5 +1,26 @@
-"""Depthwise convolution ops used by the backbone's large-kernel layers."""
+"""Depthwise convolution ops used by the backbone's large-kernel layers (see :mod:`backbones.ops.depthwise`)."""
 
-from .depthwise import DepthwiseConv2d, available_backends, depthwise_conv2d, register_backend
+from .depthwise import (
+    BACKEND_ENV,
+    DepthwiseConv2d,
+    available_backends,
+    depthwise_conv2d,
+    register_backend,
+    select_backend,
+    use_backend,
+)
+from .policy import POLICY_ENV, current_policy, load_policy, reload_policy
 
-__all__ = ["DepthwiseConv2d", "available_backends", "depthwise_conv2d", "register_backend"]
+__all__ = [
+    "BACKEND_ENV",
+    "POLICY_ENV",
+    "DepthwiseConv2d",
+    "available_backends",
+    "depthwise_conv2d",
+    "current_policy",
+    "load_policy",
+    "reload_policy",
+    "register_backend",
+    "select_backend",
+    "use_backend",
+]

@@ -1,80 +1,267 @@
-"""Depthwise convolution with stride 1 and "same" padding: one op, several backends.
+"""Depthwise convolution with stride 1 and "same" padding: one op, several backends, a measured dispatcher.
 
-UniRepLKNet spends most of its time in depthwise convolutions with large odd kernels (13x13 by default, up to 17x17
-in the Dilated Reparam Block). :class:`DepthwiseConv2d` is the single module the backbone uses for them. It is an
+UniRepLKNet spends most of its time in depthwise convolutions with large odd kernels (13x13 by default, up to 31x31
+in kernel-size studies). :class:`DepthwiseConv2d` is the single module the backbone uses for them. It is an
 ``nn.Conv2d`` subclass, so its parameters keep the official names (``weight`` of shape ``(C, 1, K, K)`` and an
 optional ``bias`` of shape ``(C,)``) and official checkpoints load unchanged, while the arithmetic goes through
-:func:`depthwise_conv2d`, which hands the call to a registered backend. A faster backend is added with
-:func:`register_backend` without touching the model.
+:func:`depthwise_conv2d`, which picks a backend for each call.
+
+Backends:
+
+==========================  =====================================================================================
+``torch``                   PyTorch's convolution as called (cuDNN on CUDA, oneDNN on the CPU).
+``torch_channels_last``     PyTorch's convolution on a channels-last copy of the input (oneDNN's fast layout).
+``fft``                     forward and both gradients through ``torch.fft``.
+``direct_fft_weight_grad``  channels-last direct forward and input gradient, FFT weight gradient.
+``triton``                  Triton kernels (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
+==========================  =====================================================================================
+
+Which backend runs, first match wins:
+
+1. ``backend=`` of the call or of the layer (``DepthwiseConv2d(..., backend=...)``,
+   ``UniRepLKNet.set_depthwise_backend``);
+2. the innermost :func:`use_backend` context;
+3. the environment variable ``UNIPERCEPTION_DWCONV_BACKEND``;
+4. ``"auto"``: the measured policy of :mod:`backbones.ops.policy` (the benchmark's winner at the nearest measured
+   shape), else ``torch``.
+
+A backend that cannot run a call (Triton missing or failing to compile, a CPU tensor for Triton, ...) falls back to
+``torch`` with one warning, never an error. Under ``torch.compile`` tracing and ONNX export only PyTorch's own
+backends are used, so graphs stay exportable.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import contextlib
+import contextvars
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigurationError, InputShapeError
+from .fft_depthwise import direct_forward_fft_weight_grad, fft_depthwise_conv2d
+from .policy import current_policy
 
-__all__ = ["DepthwiseConv2d", "depthwise_conv2d", "register_backend", "available_backends"]
+__all__ = [
+    "BACKEND_ENV",
+    "DepthwiseConv2d",
+    "available_backends",
+    "clear_decisions",
+    "depthwise_conv2d",
+    "register_backend",
+    "select_backend",
+    "use_backend",
+]
+
+BACKEND_ENV = "UNIPERCEPTION_DWCONV_BACKEND"
 
 # A backend takes (x (B, C, H, W), weight (C, 1, K, K), bias (C,) or None) and returns (B, C, H, W).
 BackendFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# ``supports(x, weight)`` returns None when the backend can run the call, else the reason it cannot.
+SupportsFn = Callable[[torch.Tensor, torch.Tensor], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: BackendFn
+    supports: SupportsFn
+    traceable: bool = False  # safe under torch.compile tracing and ONNX export
 
 
 def _torch_backend(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """PyTorch's own convolution (cuDNN on CUDA, oneDNN or the native kernel on the CPU)."""
     return F.conv2d(x, weight, bias, stride=1, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
 
-_BACKENDS: Dict[str, BackendFn] = {"torch": _torch_backend}
-_DEFAULT_BACKEND = "torch"
+def _torch_channels_last_backend(x, weight, bias):
+    return _torch_backend(x.contiguous(memory_format=torch.channels_last), weight, bias)
 
 
-def register_backend(name: str, fn: BackendFn) -> None:
-    """Make ``fn`` available as backend ``name`` for :func:`depthwise_conv2d`.
+def _any_call(x, weight) -> Optional[str]:
+    return None
+
+
+def _fft_supports(x, weight) -> Optional[str]:
+    return None if x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) else f"dtype {x.dtype}"
+
+
+def _triton_available() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    return None
+
+
+def _triton_supports(x, weight) -> Optional[str]:
+    missing = _triton_available()
+    if missing:
+        return missing
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the Triton kernels need a CUDA tensor (got {x.device.type}; TRITON_INTERPRET=1 runs them on the CPU)"
+    if weight.shape[-1] > 31:
+        return f"the Triton kernels support K <= 31, got {weight.shape[-1]}"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the Triton kernels support float32, float16 and bfloat16, got {x.dtype}"
+    return None
+
+
+def _triton_backend(x, weight, bias):
+    from .triton_depthwise import triton_depthwise_conv2d
+
+    return triton_depthwise_conv2d(x, weight, bias)
+
+
+_BACKENDS: Dict[str, Backend] = {
+    "torch": Backend("torch", _torch_backend, _any_call, traceable=True),
+    "torch_channels_last": Backend("torch_channels_last", _torch_channels_last_backend, _any_call, traceable=True),
+    "fft": Backend("fft", fft_depthwise_conv2d, _fft_supports),
+    "direct_fft_weight_grad": Backend("direct_fft_weight_grad", direct_forward_fft_weight_grad, _fft_supports),
+    "triton": Backend("triton", _triton_backend, _triton_supports),
+}
+_FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("uniperception_dwconv_backend", default=None)
+_WARNED: set = set()
+_BROKEN: Dict[tuple, str] = {}  # (backend, device type, dtype, K) -> why it failed
+
+
+def register_backend(name: str, fn: BackendFn, supports: Optional[SupportsFn] = None) -> None:
+    """Make ``fn`` available as backend ``name``.
 
     ``fn(x, weight, bias)`` must compute exactly what ``torch.nn.functional.conv2d`` computes for a depthwise
-    convolution with stride 1 and padding ``K // 2``, and support autograd.
+    convolution with stride 1 and padding ``K // 2``, and support autograd. ``supports(x, weight)`` returns ``None``
+    when ``fn`` can run the call and otherwise the reason it cannot.
     """
     if not callable(fn):
         raise ConfigurationError(f"depthwise backend {name!r} must be callable, got {type(fn).__name__}")
-    _BACKENDS[name] = fn
+    if name == "auto":
+        raise ConfigurationError("'auto' is reserved for the measured dispatch policy")
+    _BACKENDS[name] = Backend(name, fn, supports or _any_call)
+    clear_decisions()
 
 
 def available_backends() -> list:
-    """Names of the registered depthwise-convolution backends."""
+    """Names of the registered depthwise-convolution backends (``"auto"`` chooses among them)."""
     return sorted(_BACKENDS)
+
+
+def _check_name(name: str, origin: str) -> str:
+    if name != "auto" and name not in _BACKENDS:
+        raise ConfigurationError(
+            f"unknown depthwise backend {name!r} ({origin}); choose 'auto' or one of: {', '.join(available_backends())}"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every depthwise convolution in this context with backend ``name`` (``"auto"`` for the policy)."""
+    token = _FORCED.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+_DECISIONS: Dict[tuple, str] = {}  # call signature -> backend; cleared when backends or the policy change
+
+
+def clear_decisions() -> None:
+    """Forget cached choices (after registering a backend or writing a new policy)."""
+    _DECISIONS.clear()
+    _WARNED.clear()
+
+
+def _decide(name: Optional[str], origin: str, x: torch.Tensor, weight: torch.Tensor, training: bool,
+            channels_last: bool) -> str:
+    if name is None or name == "auto":
+        batch, channels, height, width = x.shape
+        name = current_policy().choose(
+            x.device.type, str(x.dtype).replace("torch.", ""), "training" if training else "inference",
+            "channels_last" if channels_last else "nchw", batch, channels, height, width, weight.shape[-1],
+        )
+        name = name if name in _BACKENDS else "torch"
+    else:
+        _check_name(name, origin)
+    if (name, x.device.type, x.dtype, weight.shape[-1]) in _BROKEN:
+        return "torch"  # it failed before and said so once
+    reason = _BACKENDS[name].supports(x, weight)
+    if reason is not None:
+        _warn_once((name, reason), f"depthwise backend {name!r} cannot run this call ({reason}); using 'torch'")
+        return "torch"
+    return name
+
+
+def select_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
+    """The backend :func:`depthwise_conv2d` would run for this call (after fallbacks)."""
+    name, origin = backend, "argument"
+    if name is None:
+        name, origin = _FORCED.get(), "use_backend"
+    if name is None:
+        name, origin = os.environ.get(BACKEND_ENV) or None, BACKEND_ENV
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    key = (name, x.device.type, x.dtype, training, channels_last, x.shape, weight.shape[-1])
+    chosen = _DECISIONS.get(key)
+    if chosen is None:
+        chosen = _DECISIONS[key] = _decide(name, origin, x, weight, training, channels_last)
+    if chosen != "torch" and not _BACKENDS[chosen].traceable and _tracing():
+        return "torch"
+    return chosen
 
 
 def depthwise_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, backend: Optional[str] = None
 ) -> torch.Tensor:
-    """Depthwise convolution, stride 1, padding ``K // 2``.
+    """Depthwise convolution, stride 1, padding ``K // 2``, through the chosen backend.
 
     Args:
         x: input ``(B, C, H, W)``.
         weight: kernel ``(C, 1, K, K)`` with odd ``K``.
         bias: optional ``(C,)``.
-        backend: a name from :func:`available_backends`; the default backend when ``None``.
+        backend: a name from :func:`available_backends` or ``"auto"``; see the module docstring for the order.
 
     Returns:
         ``(B, C, H, W)``, the same spatial size as the input.
     """
-    name = _DEFAULT_BACKEND if backend is None else backend
+    name = select_backend(x, weight, backend)
+    if name == "torch":
+        return _torch_backend(x, weight, bias)
+    chosen = _BACKENDS[name]
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # what F.conv2d does under autocast: compute in the autocast dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     try:
-        fn = _BACKENDS[name]
-    except KeyError:
-        raise ConfigurationError(
-            f"unknown depthwise backend {name!r}; registered backends: {', '.join(available_backends())}"
-        ) from None
-    return fn(x, weight, bias)
+        with torch.autocast(device_type, enabled=False):
+            return chosen.fn(x, weight, bias)
+    except Exception as exc:
+        if name != "triton":
+            raise
+        # a Triton compilation or launch failure is not the user's problem: remember it and use PyTorch
+        _BROKEN[(name, device_type, x.dtype, weight.shape[-1])] = f"{type(exc).__name__}: {exc}"
+        _DECISIONS.clear()
+        _warn_once((name, "failed"), f"Triton depthwise kernel failed ({type(exc).__name__}: {exc}); using 'torch'")
+        return _torch_backend(x, weight, bias)
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """Depthwise ``K x K`` convolution with stride 1 and "same" padding, dispatched to a pluggable backend.
+    """Depthwise ``K x K`` convolution with stride 1 and "same" padding, dispatched to a backend.
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Parameters: ``weight (C, 1, K, K)``, ``bias (C,)`` when ``bias=True``.
 
@@ -82,7 +269,7 @@ class DepthwiseConv2d(nn.Conv2d):
         channels: number of channels ``C`` (input and output).
         kernel_size: odd kernel size ``K``.
         bias: whether the layer has a bias.
-        backend: force one backend for this layer; ``None`` uses the default.
+        backend: force one backend for this layer; ``None`` follows the context, the environment and the policy.
     """
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = False, backend: Optional[str] = None):
@@ -91,7 +278,7 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(
             channels, channels, kernel_size, stride=1, padding=kernel_size // 2, dilation=1, groups=channels, bias=bias
         )
-        self.backend = backend
+        self.backend = None if backend is None else _check_name(backend, "DepthwiseConv2d")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -1,0 +1,109 @@
+"""The measured dispatch policy: which depthwise-convolution backend is fastest for a call.
+
+``benchmarks/dwconv.py --write-policy`` times every backend on UniRepLKNet's layer shapes and writes the winner of
+each shape to ``dwconv_policy.json`` beside this file (or to the file named by ``UNIPERCEPTION_DWCONV_POLICY``). A
+call is matched to the nearest measured shape of its device type, mode (inference or training) and input layout,
+preferring its own dtype, by distance in log-space over kernel size (weighted most), spatial size, channels and batch.
+Where nothing was measured (for example on a GPU before the benchmark ran there) the policy answers ``None`` and the
+caller uses PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+__all__ = ["POLICY_ENV", "DispatchPolicy", "current_policy", "default_policy_path", "load_policy", "reload_policy"]
+
+POLICY_ENV = "UNIPERCEPTION_DWCONV_POLICY"
+
+
+def default_policy_path() -> Path:
+    return Path(os.environ.get(POLICY_ENV, Path(__file__).with_name("dwconv_policy.json")))
+
+
+class DispatchPolicy:
+    """Nearest-measured-shape lookup over benchmark entries.
+
+    Each entry is a dict with ``device`` ("cpu" or "cuda"), ``dtype`` ("float32", ...), ``mode`` ("inference" or
+    "training"), ``layout`` ("nchw" or "channels_last"), ``batch``, ``channels``, ``height``, ``width``,
+    ``kernel_size`` and ``best`` (a backend name).
+    """
+
+    def __init__(self, entries: List[Dict]):
+        self.entries = entries
+        self._index: Dict[tuple, List[Dict]] = {}
+        for entry in entries:
+            self._index.setdefault((entry["device"], entry["mode"], entry["layout"]), []).append(entry)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @staticmethod
+    def _distance(entry: Dict, batch: int, channels: int, pixels: int, kernel_size: int, dtype: str) -> float:
+        return (
+            4.0 * abs(math.log2(entry["kernel_size"]) - math.log2(kernel_size))
+            + abs(math.log2(entry["height"] * entry["width"]) - math.log2(pixels))
+            + abs(math.log2(entry["channels"]) - math.log2(channels))
+            + 0.5 * abs(math.log2(entry["batch"]) - math.log2(batch))
+            + (0.0 if entry["dtype"] == dtype else 8.0)
+        )
+
+    @functools.lru_cache(maxsize=4096)
+    def choose(
+        self, device: str, dtype: str, mode: str, layout: str, batch: int, channels: int, height: int, width: int,
+        kernel_size: int,
+    ) -> Optional[str]:
+        candidates = self._index.get((device, mode, layout))
+        if not candidates:
+            return None
+        pixels = max(1, height * width)
+        nearest = min(
+            candidates,
+            key=lambda e: self._distance(e, max(1, batch), max(1, channels), pixels, kernel_size, dtype),
+        )
+        return nearest["best"]
+
+
+def load_policy(path: Optional[Path] = None) -> DispatchPolicy:
+    """The policy stored at ``path`` (default: :func:`default_policy_path`); empty when there is no such file.
+
+    A file that exists but cannot be read gives an empty policy and one warning.
+    """
+    path = Path(path) if path is not None else default_policy_path()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return DispatchPolicy(data.get("entries", []))
+    except FileNotFoundError:
+        return DispatchPolicy([])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        warnings.warn(f"depthwise dispatch policy {str(path)!r} is unreadable ({exc}); using PyTorch's convolution",
+                      RuntimeWarning, stacklevel=2)
+        return DispatchPolicy([])
+
+
+_CURRENT: Dict[str, DispatchPolicy] = {}
+
+
+def current_policy() -> DispatchPolicy:
+    """The policy in force, read once per policy path (``UNIPERCEPTION_DWCONV_POLICY`` or the shipped file)."""
+    location = os.environ.get(POLICY_ENV, "")
+    policy = _CURRENT.get(location)
+    if policy is None:
+        policy = _CURRENT[location] = load_policy()
+    return policy
+
+
+def reload_policy() -> DispatchPolicy:
+    """Read the policy file again (after the benchmark wrote a new one) and forget cached dispatch decisions."""
+    from .depthwise import clear_decisions
+
+    _CURRENT.clear()
+    clear_decisions()
+    return current_policy()

@@ -1,0 +1,339 @@
+"""Depthwise-convolution backends against a float64 reference, and the dispatcher that chooses among them.
+
+Without a GPU the Triton kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest), which is
+slow: the kernel cases keep ``planes x K^2`` small, and the larger ones are marked slow.
+"""
+
+import json
+import os
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backbones import ConfigurationError, UniRepLKNet
+from backbones.ops import available_backends, depthwise_conv2d, reload_policy, select_backend, use_backend
+from backbones.ops.fft_depthwise import direct_forward_fft_weight_grad, fft_depthwise_conv2d, smooth_size
+from conftest import randomise_statistics, relative_error
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x, weight, bias, grad_output):
+    """Forward and the three gradients in float64 by PyTorch."""
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    y = F.conv2d(x64, w64, b64, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+    y.backward(grad_output.double())
+    return y.detach(), x64.grad, w64.grad, None if bias is None else b64.grad
+
+
+def run_backend(backend, x, weight, bias, grad_output):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    bias = None if bias is None else bias.detach().requires_grad_()
+    y = depthwise_conv2d(x, weight, bias, backend=backend)
+    y.backward(grad_output)
+    return y.detach(), x.grad, weight.grad, None if bias is None else bias.grad
+
+
+def make_case(batch, channels, height, width, kernel_size, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(channels, 1, kernel_size, kernel_size, generator=g) / kernel_size).to(DEVICE, dtype)
+    b = torch.randn(channels, generator=g).to(DEVICE, dtype) if bias else None
+    grad_output = torch.randn(batch, channels, height, width, generator=g).to(DEVICE, dtype)
+    return x, weight, b, grad_output
+
+
+def assert_close_to_reference(actual, expected, tolerance):
+    for name, a, e in zip(("output", "input grad", "weight grad", "bias grad"), actual, expected):
+        if e is None:
+            assert a is None
+            continue
+        assert a.shape == e.shape, name
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        error = (a.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-12)
+        assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance:.0e}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+# (B, C, H, W, K): batch 1, C = 1, odd and ragged sizes (tiles are 16 or 32 wide), every kernel size class up to 31
+TRITON_CASES = [
+    (1, 1, 1, 1, 3),
+    (1, 1, 5, 7, 3),
+    (2, 3, 17, 16, 5),
+    (1, 2, 9, 33, 7),
+    (3, 1, 19, 11, 9),
+    (1, 3, 12, 12, 13),
+    (1, 1, 15, 17, 15),
+    (2, 1, 8, 6, 17),
+]
+TRITON_SLOW_CASES = [(1, 1, 16, 13, 31), (1, 2, 20, 9, 21), (2, 2, 33, 34, 11)]
+
+
+def triton_random_cases(count, seed=2024):
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        k = rng.choice(range(3, 32, 2))
+        b, c = rng.choice([1, 1, 2]), rng.choice([1, 2, 3])
+        h, w = rng.randint(1, 20), rng.randint(1, 20)
+        if b * c * k * k <= 700:  # keeps the interpreter's work bounded
+            cases.append((b, c, h, w, k))
+    return cases
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", TRITON_CASES + triton_random_cases(4), ids=str)
+def test_triton_matches_float64(case):
+    x, weight, bias, grad_output = make_case(*case)
+    assert_close_to_reference(run_backend("triton", x, weight, bias, grad_output),
+                              reference(x, weight, bias, grad_output), 2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", TRITON_SLOW_CASES, ids=str)
+def test_triton_matches_float64_larger_cases(case):
+    x, weight, bias, grad_output = make_case(*case, bias=False)
+    assert_close_to_reference(run_backend("triton", x, weight, None, grad_output),
+                              reference(x, weight, None, grad_output), 2e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_kernels_write_every_element():
+    from backbones.ops.triton_depthwise import depthwise_forward, depthwise_weight_grad, weight_grad_splits
+
+    x, weight, bias, grad_output = make_case(2, 3, 19, 21, 7)
+    poisoned = torch.full_like(x, float("nan"))
+    y = depthwise_forward(x, weight, bias, out=poisoned)
+    assert y.data_ptr() == poisoned.data_ptr() and torch.isfinite(y).all()
+    expected = reference(x, weight, bias, grad_output)
+    assert relative_error(y.double(), expected[0]) <= 2e-5
+    splits, _ = weight_grad_splits(2, 3, 7)
+    partial = torch.full((splits, 3, 7, 7), float("nan"), device=DEVICE)
+    grad_w = depthwise_weight_grad(x, grad_output, 7, partial=partial)
+    assert torch.isfinite(partial).all()
+    assert relative_error(grad_w.double(), expected[2]) <= 2e-5
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_triton_half_precision_within_tolerance(dtype, tolerance):
+    x, weight, bias, grad_output = make_case(2, 3, 13, 18, 13, dtype=dtype)
+    actual = run_backend("triton", x, weight, bias, grad_output)
+    assert [t.dtype for t in actual] == [dtype] * 4
+    # the reference sees the same rounded inputs; accumulation is float32 inside the kernels
+    assert_close_to_reference(actual, reference(x, weight, bias, grad_output), tolerance)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FFT backends
+
+
+@pytest.mark.parametrize("case", [(1, 1, 1, 1, 3), (2, 3, 17, 16, 5), (1, 4, 14, 14, 13), (2, 2, 9, 30, 31),
+                                  (3, 5, 7, 7, 17)], ids=str)
+@pytest.mark.parametrize("backend", ["fft", "direct_fft_weight_grad"])
+def test_fft_backends_match_float64(case, backend):
+    x, weight, bias, grad_output = make_case(*case)
+    assert_close_to_reference(run_backend(backend, x, weight, bias, grad_output),
+                              reference(x, weight, bias, grad_output), 2e-5)
+
+
+def test_fft_backends_keep_low_precision_dtypes():
+    x, weight, bias, grad_output = make_case(2, 3, 12, 12, 13, dtype=torch.bfloat16)
+    for fn in (fft_depthwise_conv2d, direct_forward_fft_weight_grad):
+        xg, wg, bg = (t.detach().requires_grad_() for t in (x, weight, bias))
+        y = fn(xg, wg, bg)
+        y.backward(grad_output)
+        assert y.dtype == xg.grad.dtype == wg.grad.dtype == torch.bfloat16
+        assert_close_to_reference((y, xg.grad, wg.grad, bg.grad), reference(x, weight, bias, grad_output), 3e-2)
+
+
+def test_smooth_fft_sizes():
+    assert [smooth_size(n) for n in (1, 7, 11, 19, 31, 37, 61, 67, 97)] == [1, 8, 12, 20, 32, 40, 64, 72, 100]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dispatcher
+
+
+def test_every_backend_gives_the_same_result_on_its_supported_calls():
+    x, weight, bias, grad_output = make_case(2, 4, 15, 12, 11)
+    expected = reference(x, weight, bias, grad_output)
+    for backend in available_backends():
+        if backend in ("triton",) and DEVICE == "cpu" and not INTERPRETED:
+            continue
+        assert_close_to_reference(run_backend(backend, x, weight, bias, grad_output), expected, 2e-5)
+
+
+def test_argument_beats_context_beats_environment(monkeypatch):
+    x, weight = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 5, 5)
+    monkeypatch.setenv("UNIPERCEPTION_DWCONV_BACKEND", "fft")
+    assert select_backend(x, weight) == "fft"
+    with use_backend("torch_channels_last"):
+        assert select_backend(x, weight) == "torch_channels_last"
+        with use_backend("direct_fft_weight_grad"):
+            assert select_backend(x, weight) == "direct_fft_weight_grad"
+        assert select_backend(x, weight, backend="torch") == "torch"
+    assert select_backend(x, weight) == "fft"
+    monkeypatch.setenv("UNIPERCEPTION_DWCONV_BACKEND", "no_such_backend")
+    with pytest.raises(ConfigurationError, match="UNIPERCEPTION_DWCONV_BACKEND"):
+        depthwise_conv2d(x, weight)
+    with pytest.raises(ConfigurationError, match="unknown depthwise backend 'cudnn'"):
+        with use_backend("cudnn"):
+            pass
+
+
+def test_triton_without_gpu_or_interpreter_falls_back_with_one_warning(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from backbones.ops.depthwise import clear_decisions
+
+    clear_decisions()
+    x, weight = torch.randn(1, 2, 9, 9), torch.randn(2, 1, 7, 7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = depthwise_conv2d(x, weight, backend="triton")
+        second = depthwise_conv2d(x, weight, backend="triton")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "need a CUDA tensor" in messages[0]
+    assert torch.equal(first, F.conv2d(x, weight, padding=3, groups=2)) and torch.equal(first, second)
+    clear_decisions()
+
+
+def test_a_failing_triton_kernel_falls_back_with_one_warning(monkeypatch):
+    import backbones.ops.triton_depthwise as kernels
+    from backbones.ops.depthwise import _BROKEN, clear_decisions
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")  # what a Triton compilation error looks like
+
+    monkeypatch.setattr(kernels, "triton_depthwise_conv2d", broken)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    clear_decisions()
+    x, weight = torch.randn(1, 2, 9, 9, device=DEVICE), torch.randn(2, 1, 9, 9, device=DEVICE)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = [depthwise_conv2d(x, weight, backend="triton") for _ in range(3)]
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "PassManager::run failed" in messages[0]
+        for y in results:
+            assert torch.allclose(y, F.conv2d(x, weight, padding=4, groups=2))
+    finally:
+        _BROKEN.clear()
+        clear_decisions()
+
+
+def test_measured_policy_drives_auto(tmp_path, monkeypatch):
+    entry = dict(device="cpu", dtype="float32", layout="nchw", batch=16, channels=160, height=28, width=28)
+    policy = {"entries": [
+        dict(entry, mode="inference", kernel_size=13, best="torch_channels_last"),
+        dict(entry, mode="training", kernel_size=13, best="direct_fft_weight_grad"),
+        dict(entry, mode="inference", kernel_size=3, best="torch"),
+        dict(entry, mode="training", kernel_size=31, best="fft"),
+        dict(entry, mode="inference", kernel_size=31, best="fft"),
+    ]}
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    monkeypatch.setenv("UNIPERCEPTION_DWCONV_POLICY", str(path))
+    monkeypatch.delenv("UNIPERCEPTION_DWCONV_BACKEND", raising=False)
+    reload_policy()
+    try:
+        x, w13 = torch.randn(8, 160, 28, 28), torch.randn(160, 1, 13, 13)
+        with torch.no_grad():
+            assert select_backend(x, w13) == "torch_channels_last"
+            assert select_backend(x, torch.randn(160, 1, 3, 3)) == "torch"
+        assert select_backend(x, w13.requires_grad_()) == "direct_fft_weight_grad"  # training: nearest K 13
+        assert select_backend(x, torch.randn(160, 1, 29, 29, requires_grad=True)) == "fft"  # nearest K 31
+        # no entries for this device type: PyTorch
+        assert select_backend(x.to(torch.float64).contiguous(memory_format=torch.channels_last), w13) == "torch"
+        # under tracing for export only PyTorch's own backends run
+        w31 = torch.randn(160, 1, 31, 31)
+        with torch.no_grad():
+            assert select_backend(x, w31) == "fft"
+            traced = torch.jit.trace(lambda t: depthwise_conv2d(t, w31), (x[:1],))
+        graph = str(traced.graph)
+        assert "aten::_convolution" in graph and "fft" not in graph
+    finally:
+        monkeypatch.delenv("UNIPERCEPTION_DWCONV_POLICY")
+        reload_policy()
+
+
+def test_an_unreadable_policy_warns_and_uses_torch(tmp_path, monkeypatch):
+    path = tmp_path / "policy.json"
+    path.write_text("{not json")
+    monkeypatch.setenv("UNIPERCEPTION_DWCONV_POLICY", str(path))
+    try:
+        with pytest.warns(RuntimeWarning, match="policy .* is unreadable"):
+            reload_policy()
+        assert select_backend(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 5, 5)) == "torch"
+    finally:
+        monkeypatch.delenv("UNIPERCEPTION_DWCONV_POLICY")
+        reload_policy()
+
+
+def test_shipped_policy_was_measured_on_this_kind_of_machine():
+    from backbones.ops.policy import default_policy_path, load_policy
+
+    policy = load_policy(default_policy_path())
+    assert len(policy) > 0
+    assert {e["device"] for e in policy.entries} >= {"cpu"}
+    for entry in policy.entries:
+        times = entry["times_ms"]
+        assert entry["best"] in available_backends() and entry["best"] in times
+        # another backend is chosen only where it beat plain torch by at least 20% in the measurement
+        assert entry["best"] == "torch" or times[entry["best"]] < 0.8 * times["torch"]
+        assert times[entry["best"]] <= min(times.values()) / 0.8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The whole backbone with each backend
+
+
+def tiny_backbone():
+    model = UniRepLKNet(in_chans=2, num_classes=5, depths=(1, 1, 1, 1), dims=(4, 8, 8, 8),
+                        kernel_sizes=(3, 7, 13, 17)).to(DEVICE)
+    return randomise_statistics(model)
+
+
+def backbone_outputs_and_gradients(model, backend, x, target):
+    model.zero_grad()
+    with use_backend(backend):
+        logits = model(x)
+        F.cross_entropy(logits, target).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_backbone_backends(deploy, backends):
+    model = tiny_backbone()
+    if deploy:
+        model.eval().reparameterize()
+    model.eval()  # fixed BatchNorm statistics so the runs compare like with like
+    x = torch.randn(2, 2, 40, 36, device=DEVICE)
+    target = torch.tensor([1, 4], device=DEVICE)
+    expected_logits, expected_grads = backbone_outputs_and_gradients(model, "torch", x, target)
+    for backend in backends:
+        logits, grads = backbone_outputs_and_gradients(model, backend, x, target)
+        assert relative_error(logits, expected_logits) <= 1e-5, backend
+        for name, grad in expected_grads.items():
+            assert relative_error(grads[name], grad) <= 1e-4, f"{backend}: {name}"
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_backbone_gives_the_same_outputs_and_gradients_with_each_backend(deploy):
+    check_backbone_backends(deploy, ["torch_channels_last", "fft", "direct_fft_weight_grad"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("deploy", [False, True])
+def test_backbone_gives_the_same_outputs_and_gradients_with_triton(deploy):
+    check_backbone_backends(deploy, ["triton"])
