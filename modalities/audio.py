@@ -12,10 +12,7 @@ Raw form: ``(waveform (channels, samples) float32, sample_rate)``.
 
 from __future__ import annotations
 
-import io
 import math
-import os
-from pathlib import Path
 from typing import Any, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -27,7 +24,7 @@ import torchaudio.transforms as AT
 
 from .base import ModalityAdapter, register_modality
 from .errors import InvalidInputError
-from .image import describe_source
+from .sources import describe_source, open_file_source
 
 __all__ = ["AudioAdapter", "compute_normalization_stats", "SPEECH_COMMANDS_MEAN", "SPEECH_COMMANDS_STD"]
 
@@ -109,24 +106,7 @@ class AudioAdapter(ModalityAdapter):
             return self._checked(self._as_tensor(data, name), int(rate), name)
         if isinstance(source, (np.ndarray, torch.Tensor)):
             return self._checked(self._as_tensor(source, name), self.sample_rate, name)
-        if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                raise InvalidInputError(f"{name}: no such audio file")
-            if path.stat().st_size == 0:
-                raise InvalidInputError(f"{name}: the file is empty")
-            target = str(path)
-        elif isinstance(source, (bytes, bytearray, memoryview)):
-            if len(source) == 0:
-                raise InvalidInputError(f"{name}: no audio data (0 bytes)")
-            target = io.BytesIO(bytes(source))
-        elif hasattr(source, "read"):
-            target = source
-        else:
-            raise InvalidInputError(
-                f"{name}: cannot read audio from {type(source).__name__}; give a path, bytes, a file object, "
-                f"(array, sample_rate) or an array at {self.sample_rate} Hz"
-            )
+        target = open_file_source(source, "audio", f"(array, sample_rate) or an array at {self.sample_rate} Hz")
         try:
             data, rate = soundfile.read(target, dtype="float32", always_2d=True)  # (samples, channels)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:

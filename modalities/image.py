@@ -11,9 +11,6 @@ resized crop, horizontal flip, RandAugment, random erasing).
 
 from __future__ import annotations
 
-import io
-import os
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -23,26 +20,14 @@ from torchvision.transforms import v2 as T
 
 from .base import ModalityAdapter, register_modality
 from .errors import InvalidInputError
+from .sources import describe_source, open_file_source
 
-__all__ = ["ImageAdapter", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ImageAdapter", "IMAGENET_MEAN", "IMAGENET_STD", "array_to_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
-
-
-def describe_source(source: Any) -> str:
-    """How an error message names a source."""
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<{len(source)} bytes>"
-    if hasattr(source, "read"):
-        return getattr(source, "name", None) or f"<{type(source).__name__}>"
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        return f"<{type(source).__name__} of shape {tuple(source.shape)}>"
-    return f"<{type(source).__name__}>"
 
 
 def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
@@ -170,24 +155,7 @@ class ImageAdapter(ModalityAdapter):
             return array_to_image(source.detach().cpu().permute(1, 2, 0).numpy(), name)
         if isinstance(source, np.ndarray):
             return array_to_image(source, name)
-        if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                raise InvalidInputError(f"{name}: no such image file")
-            if path.stat().st_size == 0:
-                raise InvalidInputError(f"{name}: the file is empty")
-            opener = path
-        elif isinstance(source, (bytes, bytearray, memoryview)):
-            if len(source) == 0:
-                raise InvalidInputError(f"{name}: no image data (0 bytes)")
-            opener = io.BytesIO(bytes(source))
-        elif hasattr(source, "read"):
-            opener = source
-        else:
-            raise InvalidInputError(
-                f"{name}: cannot read an image from {type(source).__name__}; give a path, bytes, a file object, "
-                f"a numpy array or a tensor"
-            )
+        opener = open_file_source(source, "image", "a numpy array or a tensor")
         try:
             with Image.open(opener) as image:
                 image.seek(0)  # animated GIF/WebP: the first frame

@@ -25,21 +25,18 @@ Raw form: a uint8 array ``(N, H, W, 3)`` of the frames that sampling needs, with
 
 from __future__ import annotations
 
-import io
 import math
-import os
-from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
 from .base import ModalityAdapter, register_modality
 from .errors import InvalidInputError
-from .image import IMAGENET_MEAN, IMAGENET_STD, describe_source
+from .image import IMAGENET_MEAN, IMAGENET_STD
+from .sources import describe_source, open_file_source
 
 __all__ = ["VideoAdapter", "frame_indices", "VideoClip"]
 
@@ -155,24 +152,7 @@ class VideoAdapter(ModalityAdapter):
         name = describe_source(source)
         if isinstance(source, (np.ndarray, torch.Tensor)):
             return VideoClip(self._frames_from_array(source, name), len(source), name)
-        if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                raise InvalidInputError(f"{name}: no such video file")
-            if path.stat().st_size == 0:
-                raise InvalidInputError(f"{name}: the file is empty")
-            target: Any = str(path)
-        elif isinstance(source, (bytes, bytearray, memoryview)):
-            if len(source) == 0:
-                raise InvalidInputError(f"{name}: no video data (0 bytes)")
-            target = io.BytesIO(bytes(source))
-        elif hasattr(source, "read"):
-            target = source
-        else:
-            raise InvalidInputError(
-                f"{name}: cannot read a video from {type(source).__name__}; give a path, bytes, a file object or "
-                f"frames (T, H, W, 3)"
-            )
+        target = open_file_source(source, "video", "frames (T, H, W, 3)")
         frames, fps = self._decode(target, name)
         return VideoClip(frames, len(frames), name, fps)
 

@@ -182,3 +182,53 @@ def test_collate_and_forward_refuse_mismatched_input():
         adapter.collate([])
     with pytest.raises(InvalidInputError, match=r"\(B, 3, H, W\)"):
         adapter(torch.zeros(2, 1, 32, 32))
+
+
+def test_adapters_from_installed_packages_register_through_entry_points(tmp_path, monkeypatch):
+    """A real installed distribution (a dist-info folder on sys.path) adds a modality without touching this repo."""
+    import sys
+
+    import modalities.base as base
+
+    (tmp_path / "smell_plugin.py").write_text(
+        "import torch\n"
+        "from modalities import ModalityAdapter\n"
+        "class SmellAdapter(ModalityAdapter):\n"
+        "    def __init__(self, size=32):\n"
+        "        super().__init__(size=size)\n"
+        "        self.size = size\n"
+        "    @property\n"
+        "    def out_channels(self):\n"
+        "        return 2\n"
+        "    def load(self, source):\n"
+        "        return torch.as_tensor(source, dtype=torch.float32)\n"
+        "    def preprocess(self, raw):\n"
+        "        return raw.view(2, 1, 1).expand(2, self.size, self.size).clone()\n"
+    )
+    dist = tmp_path / "smell_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: smell-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[uniperception.modalities]\nsmell = smell_plugin:SmellAdapter\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    try:
+        assert "smell" in list_modalities()
+        adapter = create_adapter("smell", size=40)
+        assert adapter.name == "smell" and adapter.prepare([0.5, 1.5]).shape == (2, 40, 40)
+    finally:
+        base._REGISTRY.pop("smell", None)
+        sys.modules.pop("smell_plugin", None)
+
+
+def test_a_broken_plugin_warns_and_leaves_the_built_in_modalities(tmp_path, monkeypatch):
+    import modalities.base as base
+
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[uniperception.modalities]\nbroken = no_such_module:Adapter\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    with pytest.warns(RuntimeWarning, match="modality plugin 'broken'"):
+        names = list_modalities()
+    assert {"image", "audio", "video"} <= set(names) and "broken" not in names

@@ -1,6 +1,5 @@
 """The video adapter on real clips written by PyAV and Pillow: containers, sampling, layouts, bad input."""
 
-import io
 
 import av
 import numpy as np

@@ -212,14 +212,17 @@ def select_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
         name, origin = _FORCED.get(), "use_backend"
     if name is None:
         name, origin = os.environ.get(BACKEND_ENV) or None, BACKEND_ENV
+    if _tracing():
+        # shapes may be symbolic here: no policy lookup, and only PyTorch's own (traceable) backends
+        if name not in (None, "auto"):
+            _check_name(name, origin)
+        return name if name in _BACKENDS and _BACKENDS[name].traceable else "torch"
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     key = (name, x.device.type, x.dtype, training, channels_last, x.shape, weight.shape[-1])
     chosen = _DECISIONS.get(key)
     if chosen is None:
         chosen = _DECISIONS[key] = _decide(name, origin, x, weight, training, channels_last)
-    if chosen != "torch" and not _BACKENDS[chosen].traceable and _tracing():
-        return "torch"
     return chosen
 
 

@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end (smoke runs on tiny settings; the numbers are not checked, only the output)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_dwconv_benchmark_writes_a_policy_and_a_report(tmp_path):
+    policy, report = tmp_path / "policy.json", tmp_path / "dwconv.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dwconv.py"), "--quick", "--write-policy", "--policy-path",
+         str(policy), "--verify", "--output", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    entries = json.loads(policy.read_text())["entries"]
+    assert len(entries) == 32  # 4 layer shapes x 2 kernel sizes x 2 layouts x 2 modes at batch 1
+    assert {e["mode"] for e in entries} == {"inference", "training"}
+    text = report.read_text()
+    assert "float32 matmul rate" in text and "Dispatcher (auto) against plain torch" in text
+
+
+@pytest.mark.slow
+def test_backbone_benchmark_quick_run(tmp_path):
+    report = tmp_path / "backbone.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--quick", "--models", "unireplknet_a",
+         "convnextv2_atto", "--output", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = report.read_text()
+    assert "unireplknet_a" in text and "convnextv2_atto" in text and "deploy" in text
+
+
+@pytest.mark.slow
+def test_preprocess_benchmark_quick_run(tmp_path):
+    report = tmp_path / "preprocess.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "preprocess.py"), "--quick", "--output", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = report.read_text()
+    for name in ("image 224", "audio 1 s", "audio 10 s", "video 16x224"):
+        assert name in text
+    assert "train prep / model" in text
