@@ -167,7 +167,7 @@ class VideoAdapter(ModalityAdapter):
                 # frames larger than needed are scaled down while decoding (short side 2 x image_size), which
                 # bounds the memory a long high-resolution clip takes
                 limit = 2 * self.image_size
-                for frame in container.decode(stream):
+                for frame in self._frames_until_end(container, stream):
                     short = min(frame.width, frame.height)
                     if short > limit:
                         width, height = round(frame.width * limit / short), round(frame.height * limit / short)
@@ -182,6 +182,10 @@ class VideoAdapter(ModalityAdapter):
                 fps = float(stream.average_rate) if stream.average_rate else None
         except InvalidInputError:
             raise
+        except av.error.EOFError as exc:
+            raise InvalidInputError(
+                f"{name}: the file ends before any frame could be read (a clip with no frames, or a truncated one)"
+            ) from exc
         except (av.error.FFmpegError, ValueError, OSError, IndexError) as exc:
             raise InvalidInputError(
                 f"{name}: not a readable video ({type(exc).__name__}: {exc}); expected MP4, AVI, MKV, WebM or GIF"
@@ -189,6 +193,15 @@ class VideoAdapter(ModalityAdapter):
         if not frames:
             raise InvalidInputError(f"{name}: the clip has no frames")
         return np.stack(frames), fps
+
+    @staticmethod
+    def _frames_until_end(container, stream):
+        """Decoded frames; an end-of-file raised by the demuxer ends the clip (a stream with no frames ends at
+        once, and the caller then says the clip has no frames)."""
+        try:
+            yield from container.decode(stream)
+        except av.error.EOFError:
+            return
 
     @staticmethod
     def _frames_from_array(source: Any, name: str) -> np.ndarray:
