@@ -126,11 +126,12 @@ class AudioAdapter(ModalityAdapter):
             )
         if not (tensor.is_floating_point() or tensor.dtype in (torch.int16, torch.int32)):
             raise InvalidInputError(f"{name}: unsupported waveform dtype {tensor.dtype}")
+        tensor = tensor.detach().cpu()
         if tensor.dtype == torch.int16:
             return tensor.float() / 32768.0
         if tensor.dtype == torch.int32:
             return tensor.float() / 2147483648.0
-        return tensor.detach().float().cpu()
+        return tensor.float()
 
     @staticmethod
     def _checked(waveform: torch.Tensor, rate: int, name: str) -> Raw:
@@ -173,8 +174,17 @@ class AudioAdapter(ModalityAdapter):
         return (banks.t() if self.layout == "freq_time" else banks).unsqueeze(0).contiguous()
 
     def preprocess(self, raw: Raw) -> torch.Tensor:
-        """``(waveform, rate)`` -> ``(1, F, T)`` (or ``(1, T, F)``) float32 map of the first ``target_frames``."""
-        return self._to_map(self.filter_banks(raw))
+        """``(waveform, rate)`` -> ``(1, F, T)`` (or ``(1, T, F)``) float32 map of the first ``target_frames``.
+
+        Only the samples those frames need are processed, so an hour-long file costs what a short one does (the
+        waveform mean is then taken over those samples); use :meth:`windows` to cover a whole long clip.
+        """
+        waveform, rate = raw
+        needed = ((self.target_frames - 1) * FRAME_SHIFT_MS + FRAME_LENGTH_MS) / 1000  # seconds
+        keep = math.ceil(needed * rate) + 64  # a little margin for the resampling filter
+        if waveform.shape[1] > keep:
+            waveform = waveform[:, :keep]
+        return self._to_map(self.filter_banks((waveform, rate)))
 
     def windows(self, raw: Raw) -> List[torch.Tensor]:
         """A long clip as consecutive maps of ``target_frames`` frames every ``window_hop`` frames (the last one
@@ -185,12 +195,15 @@ class AudioAdapter(ModalityAdapter):
         return [self._to_map(banks[i * self.window_hop:]) for i in range(count)]
 
     def augment(self, sample: torch.Tensor) -> torch.Tensor:
-        """SpecAugment frequency and time masks, a random circular time shift and additive noise."""
+        """SpecAugment frequency and time masks (filled with the normalised value of 0, as masking before
+        normalisation does in the released recipe), a random circular time shift and additive noise."""
         freq_time = sample if self.layout == "freq_time" else sample.transpose(1, 2)
+        # the released recipe masks the filter banks before normalising: a masked cell holds normalised zero
+        masked = (0.0 - self.mean) / (2 * self.std)
         if self.freq_masking is not None:
-            freq_time = self.freq_masking(freq_time)
+            freq_time = self.freq_masking(freq_time, mask_value=masked)
         if self.time_masking is not None:
-            freq_time = self.time_masking(freq_time)
+            freq_time = self.time_masking(freq_time, mask_value=masked)
         if self.time_roll > 0:
             shift = int(torch.randint(-self.time_roll, self.time_roll + 1, ()))
             freq_time = torch.roll(freq_time, shift, dims=2)

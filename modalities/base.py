@@ -127,16 +127,15 @@ def _load_entry_points() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name in _REGISTRY:
+            continue
         try:
-            cls = entry_point.load()
-        except Exception as exc:  # a broken plugin must not break the built-in modalities
+            register_modality(entry_point.name)(entry_point.load())
+        except Exception as exc:  # a broken plugin must not break the built-in modalities or other plugins
             import warnings
 
             warnings.warn(f"modality plugin {entry_point.name!r} ({entry_point.value}) failed to load: {exc}",
                           RuntimeWarning, stacklevel=3)
-            continue
-        if entry_point.name not in _REGISTRY:
-            register_modality(entry_point.name)(cls)
 
 
 def list_modalities() -> List[str]:

@@ -1,8 +1,9 @@
 """Images: JPEG, PNG, WebP, BMP, TIFF and GIF (first frame) to ``(3, S, S)`` ImageNet-normalised maps.
 
 Raw form: an 8-bit RGB :class:`PIL.Image.Image`. Grey, grey+alpha, palette and RGBA images become RGB (alpha is
-dropped, as the official ImageNet pipeline does); 16-bit and 32-bit integer images and float arrays are rescaled to
-8 bits from their full range.
+dropped, as the official ImageNet pipeline does); 16-bit and 32-bit integer images are rescaled to 8 bits from the
+full range of their type, 32-bit float image files from their own minimum and maximum; float arrays and tensors
+must hold values in [0, 1].
 
 Eval transform (the official recipe): resize the short side to ``S / crop_pct`` and centre-crop ``S`` (``crop_pct``
 0.875 below 384 px); at 384 px and above, resize straight to ``S x S``. Train transform: timm's factory (random
@@ -76,8 +77,12 @@ def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
         if image.mode == "I":  # 32-bit signed container, usually holding 16-bit data
             top = 65535 if array.max() <= 65535 else int(array.max())
             array = (np.clip(array, 0, None).astype(np.float64) / top).astype(np.float32)
-        elif image.mode == "F":
-            array = array.astype(np.float32)
+        elif image.mode == "F":  # 32-bit float images (TIFF): rescaled from their own range
+            array = array.astype(np.float64)
+            if not np.isfinite(array).all():
+                raise InvalidInputError(f"{name}: the image holds NaN or infinite values")
+            low, high = array.min(), array.max()
+            array = ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
         return array_to_image(array.astype(np.uint16) if image.mode.startswith("I;16") else array, name)
     return image.convert("RGB")
 
@@ -144,7 +149,12 @@ class ImageAdapter(ModalityAdapter):
         """A path, bytes, a binary file object, an ``(H, W[, C])`` array or a ``(C, H, W)`` tensor -> RGB image."""
         name = describe_source(source)
         if isinstance(source, Image.Image):
-            return _pil_to_rgb(source, name)
+            try:
+                return _pil_to_rgb(source, name)
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, InvalidInputError):
+                    raise
+                raise InvalidInputError(f"{name}: cannot convert a {source.mode} image to RGB ({exc})") from exc
         if isinstance(source, torch.Tensor):
             if source.ndim == 2:
                 source = source.unsqueeze(0)
@@ -152,7 +162,10 @@ class ImageAdapter(ModalityAdapter):
                 raise InvalidInputError(
                     f"{name}: expected an image tensor (C, H, W) with C in 1..4, got shape {tuple(source.shape)}"
                 )
-            return array_to_image(source.detach().cpu().permute(1, 2, 0).numpy(), name)
+            pixels = source.detach().cpu().permute(1, 2, 0)
+            if pixels.is_floating_point() and pixels.dtype != torch.float64:
+                pixels = pixels.float()  # numpy has no bfloat16
+            return array_to_image(pixels.numpy(), name)
         if isinstance(source, np.ndarray):
             return array_to_image(source, name)
         opener = open_file_source(source, "image", "a numpy array or a tensor")
@@ -161,7 +174,9 @@ class ImageAdapter(ModalityAdapter):
                 image.seek(0)  # animated GIF/WebP: the first frame
                 image.load()
                 return _pil_to_rgb(image, name)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except InvalidInputError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
             raise InvalidInputError(
                 f"{name}: not a readable image ({type(exc).__name__}: {exc}); expected JPEG, PNG, WebP, BMP, TIFF "
                 f"or GIF"

@@ -136,8 +136,10 @@ class VideoAdapter(ModalityAdapter):
         self.num_frames, self.sampling_rate, self.sampling = num_frames, sampling_rate, sampling
         self.image_size, self.crop_pct, self.layout, self.short_clip = image_size, crop_pct, layout, short_clip
         self.scale, self.hflip, self.max_frames = tuple(scale), hflip, max_frames
-        self.register_buffer("mean", torch.tensor(list(mean)).view(3, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(list(std)).view(3, 1, 1, 1), persistent=False)
+        # plain CPU tensors, not buffers: preprocessing runs on CPU frames in DataLoader workers even when the
+        # model (and this adapter with it) lives on a GPU
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1, 1)
 
     @property
     def out_channels(self) -> int:
@@ -267,7 +269,7 @@ class VideoAdapter(ModalityAdapter):
 
     def _finish(self, frames: torch.Tensor) -> torch.Tensor:
         clip = frames.permute(1, 0, 2, 3)  # (3, T, S, S)
-        clip = (clip - self.mean) / self.std
+        clip = (clip - self.mean.to(clip.device)) / self.std.to(clip.device)
         return self._layout(clip)
 
     def windows(self, raw: VideoClip) -> List[torch.Tensor]:

@@ -337,3 +337,46 @@ def test_backbone_gives_the_same_outputs_and_gradients_with_each_backend(deploy)
 @pytest.mark.parametrize("deploy", [False, True])
 def test_backbone_gives_the_same_outputs_and_gradients_with_triton(deploy):
     check_backbone_backends(deploy, ["triton"])
+
+
+def test_decisions_follow_a_changed_policy_file_and_malformed_entries_are_skipped(tmp_path, monkeypatch):
+    x, w = torch.randn(2, 16, 20, 20), torch.randn(16, 1, 13, 13)
+    entry = dict(device="cpu", dtype="float32", mode="inference", layout="nchw", batch=2, channels=16, height=20,
+                 width=20, kernel_size=13)
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"entries": [dict(entry, best="fft")]}))
+    second.write_text(json.dumps({"entries": [dict(entry, best="torch_channels_last"), {"device": "cpu"},
+                                              dict(entry, batch=0, best="fft")]}))
+    monkeypatch.delenv("UNIPERCEPTION_DWCONV_BACKEND", raising=False)
+    try:
+        with torch.no_grad():
+            monkeypatch.setenv("UNIPERCEPTION_DWCONV_POLICY", str(first))
+            assert select_backend(x, w) == "fft"
+            monkeypatch.setenv("UNIPERCEPTION_DWCONV_POLICY", str(second))
+            with pytest.warns(RuntimeWarning, match="2 malformed entries ignored"):
+                assert select_backend(x, w) == "torch_channels_last"
+            assert depthwise_conv2d(x, w).shape == x.shape
+    finally:
+        monkeypatch.delenv("UNIPERCEPTION_DWCONV_POLICY")
+        reload_policy()
+
+
+def test_autocast_decides_and_computes_in_the_autocast_dtype():
+    x, w = torch.randn(1, 3, 12, 12), torch.randn(3, 1, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.conv2d(x, w, padding=3, groups=3)
+        for backend in ("torch", "fft", "direct_fft_weight_grad"):
+            y = depthwise_conv2d(x, w, backend=backend)
+            assert y.dtype == expected.dtype == torch.bfloat16, backend
+            assert torch.allclose(y.float(), expected.float(), rtol=3e-2, atol=3e-2), backend
+        # float64 is left alone by autocast, as F.conv2d does
+        assert depthwise_conv2d(x.double(), w.double(), backend="fft").dtype == torch.float64
+
+
+@pytest.mark.parametrize("weight_shape, message", [((3, 1, 4, 4), "odd K"), ((2, 1, 3, 3), r"weight \(3, 1, K, K\)"),
+                                                   ((3, 3, 3), "weight")])
+def test_the_functional_op_refuses_bad_weights(weight_shape, message):
+    from backbones import InputShapeError
+
+    with pytest.raises(InputShapeError, match=message):
+        depthwise_conv2d(torch.randn(1, 3, 9, 7), torch.randn(*weight_shape), backend="fft")

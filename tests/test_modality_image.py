@@ -232,3 +232,20 @@ def test_a_broken_plugin_warns_and_leaves_the_built_in_modalities(tmp_path, monk
     with pytest.warns(RuntimeWarning, match="modality plugin 'broken'"):
         names = list_modalities()
     assert {"image", "audio", "video"} <= set(names) and "broken" not in names
+
+
+def test_more_image_edge_cases(tmp_path):
+    adapter = ImageAdapter(image_size=32)
+    # bfloat16 tensors in [0, 1]
+    assert adapter.prepare(torch.rand(3, 40, 40).to(torch.bfloat16)).shape == (3, 32, 32)
+    # a 32-bit float TIFF is rescaled from its own range
+    values = np.linspace(-5.0, 20.0, 40 * 50, dtype=np.float32).reshape(40, 50)
+    path = tmp_path / "field.tif"
+    Image.fromarray(values, mode="F").save(path)
+    pixels = np.asarray(adapter.load(path))
+    assert pixels.min() == 0 and pixels.max() == 255
+    # an image too large to decode safely names the file
+    big = tmp_path / "huge.png"
+    Image.new("L", (20000, 20000)).save(big)
+    with pytest.raises(InvalidInputError, match="huge.png: not a readable image"):
+        adapter.load(big)

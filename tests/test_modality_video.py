@@ -191,3 +191,9 @@ def test_large_frames_are_scaled_down_while_decoding(tmp_path):
     write_video(path, np.zeros((3, 240, 320, 3), np.uint8), "mpeg4")
     clip = VideoAdapter(image_size=32).load(path)
     assert clip.frames.shape[1:] == (64, 85, 3)
+
+
+def test_adapter_on_another_device_or_dtype_still_preprocesses_on_cpu():
+    adapter = VideoAdapter(num_frames=4, sampling_rate=1, image_size=32).to(torch.float64)
+    sample = adapter.preprocess(adapter.load(numbered_frames(4, 32, 32)))
+    assert sample.dtype == torch.float32 and sample.device.type == "cpu"

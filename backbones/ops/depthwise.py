@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import ConfigurationError, InputShapeError
 from .fft_depthwise import direct_forward_fft_weight_grad, fft_depthwise_conv2d
-from .policy import current_policy
+from .policy import POLICY_ENV, current_policy
 
 __all__ = [
     "BACKEND_ENV",
@@ -185,18 +185,26 @@ def clear_decisions() -> None:
     _WARNED.clear()
 
 
+def _effective_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution computes in: the autocast dtype where autocast would cast (as F.conv2d does)."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def _decide(name: Optional[str], origin: str, x: torch.Tensor, weight: torch.Tensor, training: bool,
-            channels_last: bool) -> str:
+            channels_last: bool, dtype: torch.dtype) -> str:
     if name is None or name == "auto":
         batch, channels, height, width = x.shape
         name = current_policy().choose(
-            x.device.type, str(x.dtype).replace("torch.", ""), "training" if training else "inference",
+            x.device.type, str(dtype).replace("torch.", ""), "training" if training else "inference",
             "channels_last" if channels_last else "nchw", batch, channels, height, width, weight.shape[-1],
         )
         name = name if name in _BACKENDS else "torch"
     else:
         _check_name(name, origin)
-    if (name, x.device.type, x.dtype, weight.shape[-1]) in _BROKEN:
+    if (name, x.device.type, dtype, weight.shape[-1]) in _BROKEN:
         return "torch"  # it failed before and said so once
     reason = _BACKENDS[name].supports(x, weight)
     if reason is not None:
@@ -219,11 +227,29 @@ def select_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str]
         return name if name in _BACKENDS and _BACKENDS[name].traceable else "torch"
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    key = (name, x.device.type, x.dtype, training, channels_last, x.shape, weight.shape[-1])
+    dtype = _effective_dtype(x)
+    key = (name, x.device.type, dtype, training, channels_last, x.shape, weight.shape[-1],
+           os.environ.get(POLICY_ENV), os.environ.get("TRITON_INTERPRET"))
     chosen = _DECISIONS.get(key)
     if chosen is None:
-        chosen = _DECISIONS[key] = _decide(name, origin, x, weight, training, channels_last)
+        chosen = _DECISIONS[key] = _decide(name, origin, x, weight, training, channels_last, dtype)
     return chosen
+
+
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if x.ndim != 4 or weight.ndim != 4:
+        raise InputShapeError(
+            f"depthwise conv expects x (B, C, H, W) and weight (C, 1, K, K), got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    channels, kernel = x.shape[1], weight.shape[-1]
+    if tuple(weight.shape) != (channels, 1, kernel, kernel) or kernel % 2 == 0:
+        raise InputShapeError(
+            f"depthwise conv expects weight ({channels}, 1, K, K) with odd K for input {tuple(x.shape)}, got "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (channels,):
+        raise InputShapeError(f"depthwise conv expects bias ({channels},), got {tuple(bias.shape)}")
 
 
 def depthwise_conv2d(
@@ -240,14 +266,15 @@ def depthwise_conv2d(
     Returns:
         ``(B, C, H, W)``, the same spatial size as the input.
     """
+    _check_shapes(x, weight, bias)
     name = select_backend(x, weight, backend)
     if name == "torch":
         return _torch_backend(x, weight, bias)
     chosen = _BACKENDS[name]
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    dtype = _effective_dtype(x)
+    if dtype != x.dtype:
         # what F.conv2d does under autocast: compute in the autocast dtype
-        dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     try:
@@ -257,7 +284,7 @@ def depthwise_conv2d(
         if name != "triton":
             raise
         # a Triton compilation or launch failure is not the user's problem: remember it and use PyTorch
-        _BROKEN[(name, device_type, x.dtype, weight.shape[-1])] = f"{type(exc).__name__}: {exc}"
+        _BROKEN[(name, device_type, dtype, weight.shape[-1])] = f"{type(exc).__name__}: {exc}"
         _DECISIONS.clear()
         _warn_once((name, "failed"), f"Triton depthwise kernel failed ({type(exc).__name__}: {exc}); using 'torch'")
         return _torch_backend(x, weight, bias)

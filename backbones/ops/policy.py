@@ -24,7 +24,7 @@ POLICY_ENV = "UNIPERCEPTION_DWCONV_POLICY"
 
 
 def default_policy_path() -> Path:
-    return Path(os.environ.get(POLICY_ENV, Path(__file__).with_name("dwconv_policy.json")))
+    return Path(os.environ.get(POLICY_ENV) or Path(__file__).with_name("dwconv_policy.json"))
 
 
 class DispatchPolicy:
@@ -35,11 +35,26 @@ class DispatchPolicy:
     ``kernel_size`` and ``best`` (a backend name).
     """
 
+    _FIELDS = ("device", "dtype", "mode", "layout", "best")
+    _SIZES = ("batch", "channels", "height", "width", "kernel_size")
+
     def __init__(self, entries: List[Dict]):
-        self.entries = entries
+        valid = [e for e in entries if self._valid(e)]
+        if len(valid) != len(entries):
+            warnings.warn(f"depthwise dispatch policy: {len(entries) - len(valid)} malformed entries ignored",
+                          RuntimeWarning, stacklevel=3)
+        self.entries = valid
         self._index: Dict[tuple, List[Dict]] = {}
-        for entry in entries:
+        for entry in valid:
             self._index.setdefault((entry["device"], entry["mode"], entry["layout"]), []).append(entry)
+
+    @classmethod
+    def _valid(cls, entry) -> bool:
+        return (
+            isinstance(entry, dict)
+            and all(isinstance(entry.get(k), str) for k in cls._FIELDS)
+            and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in cls._SIZES)
+        )
 
     def __len__(self) -> int:
         return len(self.entries)
