@@ -181,6 +181,16 @@ def pad_kernel_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, [pad] * 4) if pad else kernel
 
 
+@torch.no_grad()
+def _depthwise_with(weight: torch.Tensor, bias: torch.Tensor, backend: Optional[str]) -> DepthwiseConv2d:
+    """A depthwise conv with bias holding the given (fused) ``weight (C, 1, K, K)`` and ``bias (C,)``."""
+    conv = DepthwiseConv2d(weight.shape[0], weight.shape[-1], bias=True, backend=backend)
+    conv.to(device=weight.device, dtype=weight.dtype)
+    conv.weight.copy_(weight)
+    conv.bias.copy_(bias)
+    return conv
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -292,11 +302,7 @@ class DilatedReparamBlock(nn.Module):
             delattr(self, f"dil_conv_k{k}_{r}")
             delattr(self, f"dil_bn_k{k}_{r}")
         del self.origin_bn
-        merged = DepthwiseConv2d(weight.shape[0], self.kernel_size, bias=True, backend=self.lk_origin.backend)
-        merged.to(device=weight.device, dtype=weight.dtype)
-        merged.weight.copy_(weight)
-        merged.bias.copy_(bias)
-        self.lk_origin = merged
+        self.lk_origin = _depthwise_with(weight, bias, self.lk_origin.backend)
 
 
 class UniRepLKNetBlock(nn.Module):
@@ -364,10 +370,7 @@ class UniRepLKNetBlock(nn.Module):
         if isinstance(self.norm, nn.BatchNorm2d):
             conv = self.dwconv.lk_origin if isinstance(self.dwconv, DilatedReparamBlock) else self.dwconv
             weight, bias = fuse_conv_bn(conv.weight, conv.bias, self.norm)
-            fused = DepthwiseConv2d(conv.in_channels, conv.kernel_size[0], bias=True, backend=conv.backend)
-            fused.to(device=weight.device, dtype=weight.dtype)
-            fused.weight.copy_(weight)
-            fused.bias.copy_(bias)
+            fused = _depthwise_with(weight, bias, conv.backend)
             if isinstance(self.dwconv, DilatedReparamBlock):
                 self.dwconv.lk_origin = fused
             else:

@@ -20,12 +20,10 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -42,6 +40,9 @@ from PIL import Image  # noqa: E402
 
 import backbones  # noqa: E402,F401
 from modalities import create_adapter  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backbone import median_iteration_time  # noqa: E402  (the backbone benchmark's timing loop)
 
 
 def write_inputs(folder: Path, quick: bool) -> Dict[str, Dict]:
@@ -76,14 +77,8 @@ def write_inputs(folder: Path, quick: bool) -> Dict[str, Dict]:
 
 
 def rate(step: Callable[[], None], min_time: float, items: int = 1) -> float:
-    step()
-    times: List[float] = []
-    started = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - started < min_time:
-        tick = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tick)
-    return items / statistics.median(times)
+    """Items per second from the median of at least 3 timed calls lasting ``min_time`` seconds, after one warm-up."""
+    return items / median_iteration_time(step, warmup=1, min_time=min_time, min_iters=3)
 
 
 def training_rate(sample: torch.Tensor, batch: int, min_time: float) -> float:

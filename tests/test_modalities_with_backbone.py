@@ -57,3 +57,23 @@ def test_video_file_without_frames(tmp_path):
     assert path.stat().st_size > 0
     with pytest.raises(InvalidInputError, match="blank.mkv: the (clip has no frames|file ends before any frame)"):
         create_adapter("video").load(path)
+
+
+@pytest.mark.parametrize("modality, name, content, message", [
+    ("image", "missing.png", None, "no such image file"),
+    ("image", "empty.png", b"", "the file is empty"),
+    ("image", "text.jpg", b"not an image", "not a readable image"),
+    ("audio", "missing.wav", None, "no such audio file"),
+    ("audio", "empty.wav", b"", "the file is empty"),
+    ("audio", "text.flac", b"definitely not audio" * 20, "not a readable audio file"),
+    ("video", "missing.mp4", None, "no such video file"),
+    ("video", "empty.mp4", b"", "the file is empty"),
+    ("video", "junk.mkv", b"\x1aE\xdf\xa3 this is not a matroska file" * 10, "not a readable video"),
+])
+def test_bad_files_raise_invalid_input_naming_the_file(tmp_path, modality, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InvalidInputError, match=message) as info:
+        create_adapter(modality).load(path)
+    assert str(path) in str(info.value)
