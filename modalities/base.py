@@ -5,14 +5,20 @@ An adapter turns raw data of one modality into the ``(B, C', H, W)`` embedding m
 ``load(source) -> raw``
     read a path, bytes, a file object, an array or a tensor into the modality's raw form (no resizing, no
     normalisation), raising :class:`~modalities.errors.InvalidInputError` that names the source on any problem;
-``preprocess(raw) -> (C', H, W)``
-    the fixed, deterministic per-sample transform (it runs in DataLoader workers);
-``augment(sample) -> (C', H, W)``
+``preprocess(raw) -> sample``
+    the fixed, deterministic per-sample transform (it runs in DataLoader workers): the map ``(C', H, W)`` itself for
+    images, audio and video; points ``(P, C)`` for point clouds and a series ``(L, D + time features)`` for time
+    series, whose maps are made by the learnable ``forward``;
+``augment(sample) -> sample``
     train-time augmentation of one preprocessed sample (identity by default);
-``collate(samples) -> (B, C', H, W)``
-    stack preprocessed samples into a batch;
-``forward(batch) -> (B, C', H, W)``
-    the learnable part (identity for modalities that have none);
+``collate(samples) -> batch``
+    stack preprocessed samples into a batch (``(B, C', H, W)``, ``(B, P, C)`` or ``(B, L, D + F)``);
+``forward(batch) -> (B * maps_per_sample, C', H, W)``
+    the learnable part (identity for modalities that have none). A point cloud gives one map per view and a grouped
+    time series one map per node: ``maps_per_sample`` says how many consecutive maps belong to one sample;
+``encode(batch) -> (maps, context)``
+    ``forward`` plus what a head needs to turn the backbone's features back into an answer (the number of maps per
+    sample; for time series the instance-normalisation statistics that a forecast is de-normalised with);
 ``config``
     a JSON-serialisable dict; ``create_adapter(name, **config)`` rebuilds the same adapter.
 
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import json
 from importlib import metadata
-from typing import Any, Callable, Dict, List, Sequence, Type
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -70,6 +76,11 @@ class ModalityAdapter(nn.Module):
         """Channels ``C'`` of the embedding map the backbone's stem receives."""
         raise NotImplementedError
 
+    @property
+    def maps_per_sample(self) -> int:
+        """How many consecutive maps of a ``forward`` output belong to one sample (views, nodes); 1 by default."""
+        return 1
+
     def load(self, source: Any) -> Any:
         raise NotImplementedError
 
@@ -80,12 +91,12 @@ class ModalityAdapter(nn.Module):
         return sample
 
     def prepare(self, source: Any, train: bool = False) -> torch.Tensor:
-        """``load``, ``preprocess`` and, for training, ``augment`` one source: ``(C', H, W)``."""
+        """``load``, ``preprocess`` and, for training, ``augment`` one source."""
         sample = self.preprocess(self.load(source))
         return self.augment(sample) if train else sample
 
     def collate(self, samples: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Stack preprocessed samples ``(C', H, W)`` into a batch ``(B, C', H, W)``."""
+        """Stack preprocessed samples into a batch (a new leading dimension ``B``)."""
         if len(samples) == 0:
             raise InvalidInputError(f"{self.name}: cannot collate an empty list of samples")
         shapes = {tuple(s.shape) for s in samples}
@@ -100,6 +111,10 @@ class ModalityAdapter(nn.Module):
                 f"{self.name}: expected a preprocessed batch (B, {self.out_channels}, H, W), got {tuple(batch.shape)}"
             )
         return batch
+
+    def encode(self, batch: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """``forward(batch)`` and the context a head needs: ``{"maps_per_sample": ...}`` at least."""
+        return self(batch), {"maps_per_sample": self.maps_per_sample}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
