@@ -12,6 +12,8 @@ from .audio import AudioAdapter, compute_normalization_stats
 from .base import ENTRY_POINT_GROUP, ModalityAdapter, create_adapter, list_modalities, register_modality
 from .errors import InvalidInputError, ModalityError
 from .image import ImageAdapter
+from .point_cloud import PointCloudAdapter
+from .time_series import TimeSeries, TimeSeriesAdapter, denormalize
 from .video import VideoAdapter
 
 __all__ = [
@@ -21,9 +23,13 @@ __all__ = [
     "InvalidInputError",
     "ModalityAdapter",
     "ModalityError",
+    "PointCloudAdapter",
+    "TimeSeries",
+    "TimeSeriesAdapter",
     "VideoAdapter",
     "compute_normalization_stats",
     "create_adapter",
+    "denormalize",
     "list_modalities",
     "register_modality",
 ]
