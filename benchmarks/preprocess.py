@@ -2,13 +2,17 @@
 throughput of UniRepLKNet-A on the maps it produces.
 
 For each adapter the script writes a real file with the usual tool (a JPEG with Pillow, WAV clips with soundfile, an
-MP4 with PyAV), then measures, in one process:
+MP4 with PyAV, a PLY cloud and an OFF mesh with open3d, an hourly CSV with pandas), then measures, in one process:
 
 * samples/s of ``adapter.prepare(path, train=...)`` (decode + preprocess [+ augment]) with ``torch.set_num_threads(1)``,
-  for evaluation and training;
-* images/s of a UniRepLKNet-A training step (forward, cross-entropy, backward, AdamW) on batches of those maps, with
-  torch's default thread count;
-* the ratio: how many times faster one preprocessing core is than the model. The target is at least 2x.
+  for evaluation and training; for a forecasting series, windows/s of reading the file and cutting every look-back
+  window (``forecasting_windows``);
+* samples/s of a training step (the adapter's learnable part -- the point-cloud projection, the time-series
+  embedding -- then UniRepLKNet-A, cross-entropy, backward, AdamW) on batches of those samples, with torch's default
+  thread count;
+* the ratio: how many times faster one preprocessing core is than the model. The target is at least 2x;
+* for point clouds and time series, the learnable (or parameter-free) projection alone: clouds/s and windows/s of its
+  forward pass, beside the backbone's forward on the maps it makes.
 
     python benchmarks/preprocess.py --output benchmarks/results/preprocess_cpu.md
     python benchmarks/preprocess.py --quick
@@ -34,6 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import av  # noqa: E402
+import open3d as o3d  # noqa: E402
+import pandas as pd  # noqa: E402
 import soundfile  # noqa: E402
 import timm  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -67,12 +73,31 @@ def write_inputs(folder: Path, quick: bool) -> Dict[str, Dict]:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    torus = o3d.geometry.TriangleMesh.create_torus(radial_resolution=60, tubular_resolution=40)
+    mesh = folder / "torus.off"
+    o3d.io.write_triangle_mesh(str(mesh), torus)
+    scan = folder / "scan_20k.ply"
+    o3d.utility.random.seed(0)
+    o3d.io.write_point_cloud(str(scan), torus.sample_points_uniformly(20000), write_ascii=False)
+    series = folder / "hourly_7var.csv"
+    hours = 2000 if quick else 8760
+    index = pd.date_range("2024-01-01", periods=hours, freq="h")
+    daily = np.sin(2 * np.pi * np.arange(hours) / 24)[:, None]
+    values = daily * rng.uniform(0.5, 2, 7) + rng.standard_normal((hours, 7)) * 0.1
+    pd.DataFrame(values, index=index, columns=[f"sensor_{i}" for i in range(7)]).rename_axis("time").to_csv(series)
+    cloud = {"num_points": 256, "image_size": 64} if quick else {}
     return {
         "image 224 (JPEG 500x375)": dict(modality="image", config={}, path=photo),
         "audio 1 s, 128 frames (WAV 16 kHz)": dict(modality="audio", config={}, path=speech),
         "audio 10 s, 1024 frames (FLAC 44.1 kHz stereo)": dict(modality="audio", config={"target_frames": 1024},
                                                                path=music),
         f"video 16x224 reshape (MP4 320x240, {frames} frames)": dict(modality="video", config={}, path=clip),
+        "point cloud p2p, 4 views (PLY, 20k points)": dict(modality="point_cloud", config=dict(cloud), path=scan),
+        "point cloud depth, 4 views (OFF mesh)": dict(modality="point_cloud", config=dict(cloud, projection="depth"),
+                                                      path=mesh),
+        f"time series L=96, 7 variables (CSV, {hours} hours)": dict(
+            modality="time_series", config=dict(num_variables=7, task="forecasting", length=96, horizon=24),
+            path=series, windows=True),
     }
 
 
@@ -81,18 +106,32 @@ def rate(step: Callable[[], None], min_time: float, items: int = 1) -> float:
     return items / median_iteration_time(step, warmup=1, min_time=min_time, min_iters=3)
 
 
-def training_rate(sample: torch.Tensor, batch: int, min_time: float) -> float:
-    model = timm.create_model("unireplknet_a", in_chans=sample.shape[0], num_classes=10).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = sample.unsqueeze(0).repeat(batch, 1, 1, 1).contiguous()
-    y = torch.arange(batch) % 10
+def training_rate(adapter, samples: torch.Tensor, min_time: float) -> float:
+    """Samples/s of a training step: the adapter's learnable part, UniRepLKNet-A, cross-entropy, backward, AdamW."""
+    adapter.train()
+    maps = adapter(samples[:1])
+    model = timm.create_model("unireplknet_a", in_chans=maps.shape[1], num_classes=10).train()
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(adapter.parameters()), lr=1e-4)
+    per_sample = adapter.maps_per_sample
+    y = torch.arange(samples.shape[0] * per_sample) % 10
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(adapter(samples)), y).backward()
         optimizer.step()
 
-    return rate(step, min_time, batch)
+    return rate(step, min_time, samples.shape[0])
+
+
+def projection_rates(adapter, samples: torch.Tensor, min_time: float):
+    """Samples/s of the adapter's forward alone and of UniRepLKNet-A's forward on the maps it makes (no grad)."""
+    adapter.eval()
+    with torch.no_grad():
+        maps = adapter(samples)
+        model = timm.create_model("unireplknet_a", in_chans=maps.shape[1], num_classes=0).eval()
+        projection = rate(lambda: adapter(samples), min_time, samples.shape[0])
+        backbone_rate = rate(lambda: model(maps), min_time, samples.shape[0])
+    return projection, backbone_rate, tuple(maps.shape[1:])
 
 
 def main(argv=None) -> int:
@@ -105,7 +144,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.min_time, args.batch_size = 0.1, 2
     default_threads = torch.get_num_threads()
-    rows = []
+    rows, projections = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cases = write_inputs(Path(tmp), args.quick)
         for name, case in cases.items():
@@ -113,22 +152,46 @@ def main(argv=None) -> int:
                 case["config"] = {"image_size": 64}
             adapter = create_adapter(case["modality"], **case["config"])
             torch.set_num_threads(1)
-            eval_rate = rate(lambda: adapter.prepare(case["path"]), args.min_time)
-            train_rate = rate(lambda: adapter.prepare(case["path"], train=True), args.min_time)
-            sample = adapter.prepare(case["path"])
+            if case.get("windows"):  # a long series: read it and cut every look-back window
+                count = adapter.forecasting_windows(adapter.load(case["path"]))[0].shape[0]
+                eval_rate = rate(lambda: adapter.forecasting_windows(adapter.load(case["path"])), args.min_time,
+                                 count)
+                train_rate = rate(lambda: [adapter.augment(w) for w in
+                                           adapter.forecasting_windows(adapter.load(case["path"]))[0]],
+                                  args.min_time, count)
+                samples = adapter.forecasting_windows(adapter.load(case["path"]))[0][: args.batch_size]
+            else:
+                eval_rate = rate(lambda: adapter.prepare(case["path"]), args.min_time)
+                train_rate = rate(lambda: adapter.prepare(case["path"], train=True), args.min_time)
+                samples = adapter.collate([adapter.prepare(case["path"])] * args.batch_size)
             torch.set_num_threads(default_threads)
-            model_rate = training_rate(sample, args.batch_size, args.min_time)
-            rows.append((name, tuple(sample.shape), eval_rate, train_rate, model_rate))
-            print(f"{name}: map {tuple(sample.shape)}, preprocessing {eval_rate:.1f}/s eval, {train_rate:.1f}/s "
-                  f"train (1 core); UniRepLKNet-A training {model_rate:.1f}/s ({default_threads} threads)", flush=True)
+            model_rate = training_rate(adapter, samples, args.min_time)
+            with torch.no_grad():
+                map_shape = tuple(adapter.eval()(samples[:1]).shape[1:])
+            per_sample = f"{adapter.maps_per_sample} x " if adapter.maps_per_sample > 1 else ""
+            rows.append((name, f"{per_sample}{map_shape}", eval_rate, train_rate, model_rate))
+            print(f"{name}: map {per_sample}{map_shape}, preprocessing {eval_rate:.1f}/s eval, {train_rate:.1f}/s "
+                  f"train (1 core); training step with UniRepLKNet-A {model_rate:.1f}/s ({default_threads} threads)",
+                  flush=True)
+            if case["modality"] in ("point_cloud", "time_series"):
+                projection, backbone_rate, _ = projection_rates(adapter, samples, args.min_time)
+                projections.append((name, projection, backbone_rate))
+                print(f"  forward: adapter {projection:.1f}/s, UniRepLKNet-A on its maps {backbone_rate:.1f}/s",
+                      flush=True)
 
-    header = ["input", "map (C, H, W)", "eval prep/s (1 core)", "train prep/s (1 core)",
-              f"A train step img/s ({default_threads} threads)", "train prep / model", "target >= 2x"]
+    header = ["input", "map (C, H, W) per sample", "eval prep/s (1 core)", "train prep/s (1 core)",
+              f"train step with A, samples/s ({default_threads} threads)", "train prep / model", "target >= 2x"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, shape, eval_rate, train_rate, model_rate in rows:
         ratio = train_rate / model_rate
         lines.append(f"| {name} | {shape} | {eval_rate:.1f} | {train_rate:.1f} | {model_rate:.1f} | {ratio:.1f}x | "
                      f"{'met' if ratio >= 2 else 'NOT met'} |")
+    lines += ["", f"Forward passes (no grad, batch {args.batch_size}, {default_threads} threads), samples/s:", "",
+              "| input | adapter forward (projection / embedding) | UniRepLKNet-A forward on its maps | adapter share |",
+              "|---|---|---|---|"]
+    for name, projection, backbone_rate in projections:
+        share = (1 / projection) / (1 / projection + 1 / backbone_rate)
+        lines.append(f"| {name} | {projection:.1f} | {backbone_rate:.1f} | {share:.0%} |")
     table = "\n".join(lines)
     print(table)
     if args.output:
@@ -140,7 +203,8 @@ def main(argv=None) -> int:
             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- Machine: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}",
             f"- Command: `python benchmarks/preprocess.py {' '.join(sys.argv[1:])}`",
-            f"- Training step: batch {args.batch_size}, float32, train form; preprocessing timed with one thread.",
+            f"- Training step: batch {args.batch_size} samples, float32, train form; preprocessing timed with one "
+            "thread; windows/s for the series counts every look-back window cut from the file.",
             "", table, ""]))
         print(f"wrote {args.output}")
     return 0

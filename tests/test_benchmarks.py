@@ -48,6 +48,7 @@ def test_preprocess_benchmark_quick_run(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     text = report.read_text()
-    for name in ("image 224", "audio 1 s", "audio 10 s", "video 16x224"):
+    for name in ("image 224", "audio 1 s", "audio 10 s", "video 16x224", "point cloud p2p", "point cloud depth",
+                 "time series L=96"):
         assert name in text
-    assert "train prep / model" in text
+    assert "train prep / model" in text and "adapter forward (projection / embedding)" in text

@@ -69,6 +69,12 @@ def test_video_file_without_frames(tmp_path):
     ("video", "missing.mp4", None, "no such video file"),
     ("video", "empty.mp4", b"", "the file is empty"),
     ("video", "junk.mkv", b"\x1aE\xdf\xa3 this is not a matroska file" * 10, "not a readable video"),
+    ("point_cloud", "missing.ply", None, "no such point-cloud file"),
+    ("point_cloud", "empty.pcd", b"", "the file is empty"),
+    ("point_cloud", "junk.ply", b"not a ply file\n" * 5, r"not a readable \.ply file \(open3d: .*PLY failed"),
+    ("time_series", "missing.csv", None, "no such time series file"),
+    ("time_series", "empty.csv", b"", "the file is empty"),
+    ("time_series", "broken.parquet", b"PAR1 not really", "not a readable Parquet file"),
 ])
 def test_bad_files_raise_invalid_input_naming_the_file(tmp_path, modality, name, content, message):
     path = tmp_path / name

@@ -292,14 +292,12 @@ def test_files_through_the_adapter_into_the_backbone(tmp_path, projection):
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, content, message", [
-    ("missing.ply", None, "no such point-cloud file"),
-    ("empty.pcd", b"", "the file is empty"),
-    ("junk.ply", b"this is not a ply file\n" * 5, r"not a readable \.ply file \(open3d: .*Read PLY failed"),
     ("junk.off", b"garbage garbage\n" * 5, r"not a readable \.off file"),
     ("junk.npy", b"\x93NUMPY garbage", "not a readable .npy/.npz array"),
     ("points.las", b"LASF....", "unsupported point-cloud format .las"),
 ])
-def test_bad_files_raise_invalid_input_naming_the_file(tmp_path, name, content, message):
+def test_more_bad_files(tmp_path, name, content, message):
+    # missing, empty and corrupt PLY files are in test_modalities_with_backbone.py with the other modalities
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
