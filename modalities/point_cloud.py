@@ -7,8 +7,9 @@ objects. Only ``xyz`` is kept unless ``point_features`` asks for ``"colors"`` an
 each, in that order after ``xyz``).
 
 Preprocessing (deterministic): clouds larger than ``max_points`` are first thinned by open3d's voxel down-sampling,
-then ``num_points`` points are picked by farthest-point sampling (batched torch, first pick = point 0) and centred on
-their centroid and scaled into the unit sphere. Raw form and preprocessed sample: a float32 tensor ``(N, 3 + extra)``.
+then centred on their centroid and scaled into the unit sphere, and ``num_points`` points are picked by farthest-point
+sampling (batched torch, first pick = point 0). Raw form: a float64 tensor ``(N, 3 + extra)``; preprocessed sample:
+float32 ``(num_points, 3 + extra)``.
 
 Training augmentation: a random rotation about the up axis (``rotation="up"``) or a uniformly random one
 (``"so3"``), an anisotropic scale drawn from ``scale_range``, a translation of up to ``translate``, and Gaussian
@@ -20,8 +21,9 @@ vector ``(cos a, 0, -sin a)``, up ``(0, 1, 0)`` and looks along ``-(sin a, 0, co
 camera on ``+z``). A point's horizontal coordinate ``u`` fixes its image column and its height its row (top row =
 highest). With ``fit="extent"`` (the released recipe) each view is scaled so the cloud fills an
 ``(image_size - 2)``-pixel square, centred; with ``fit="sphere"`` the unit sphere's square ``[-1, 1]^2`` fills it, so
-sizes compare across clouds. Pixel ``(row, col)`` of a point is at least 1 and at most ``image_size - 2``, so its 3x3
-splat stays inside the image.
+sizes compare across clouds. The square is cut into ``image_size - 2`` equal pixels per side, offset by a one-pixel
+margin: pixel ``(row, col)`` of a point is at least 1 and at most ``image_size - 2``, so its 3x3 splat stays inside
+the image. Geometry runs in float32 (or float64) with autocast off, whatever the batch's precision.
 
 Projections, both batched torch in ``forward`` (GPU-ready), giving ``(B * num_views, C', S, S)``:
 
@@ -58,6 +60,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -104,6 +107,18 @@ _UP_AXIS_FRAMES = {
 # geometry: batched torch, any device
 
 
+def _full_precision(points: torch.Tensor) -> torch.Tensor:
+    """Coordinates for geometry: float32 at least (pixel positions and neighbours in bfloat16 are off by pixels)."""
+    return points if points.dtype in (torch.float32, torch.float64) else points.float()
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for geometry (matrix products would otherwise run in bfloat16 or float16)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def normalize_to_unit_sphere(points: torch.Tensor) -> torch.Tensor:
     """Centre ``xyz`` on the centroid and scale it so the farthest point is at distance 1; extra columns are kept.
 
@@ -123,8 +138,8 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, start: Optiona
 
     Args:
         points: ``(N, 3+)`` or ``(B, N, 3+)``; only ``xyz`` is used.
-        num_samples: picks per cloud. Beyond ``N`` the order of all ``N`` points repeats (every point first appears
-            once, then the sequence cycles).
+        num_samples: picks per cloud. Once every distinct position has been picked (a cloud with fewer points than
+            ``num_samples``, or with duplicates), the sequence of distinct picks repeats.
         start: ``(B,)`` index of each cloud's first pick; by default point 0, or a random point when a
             ``generator`` is given (seed it for reproducible draws).
 
@@ -144,17 +159,21 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, start: Optiona
             start = torch.randint(0, count, (batch,), generator=generator).to(xyz.device)
         else:
             start = torch.zeros(batch, dtype=torch.long, device=xyz.device)
+    xyz = _full_precision(xyz)
     chosen = torch.empty(batch, picks, dtype=torch.long, device=xyz.device)
     distance = torch.full((batch, count), float("inf"), dtype=xyz.dtype, device=xyz.device)
     rows = torch.arange(batch, device=xyz.device)
+    distinct = torch.full((batch,), picks, dtype=torch.long, device=xyz.device)  # picks before only repeats remain
     current = start.to(xyz.device).long()
     for i in range(picks):
         chosen[:, i] = current
         latest = xyz[rows, current].unsqueeze(1)  # (B, 1, 3)
         distance = torch.minimum(distance, (xyz - latest).square().sum(-1))
-        current = distance.argmax(dim=1)
-    if num_samples > count:
-        chosen = chosen.repeat(1, math.ceil(num_samples / count))[:, :num_samples]
+        farthest, current = distance.max(dim=1)
+        distinct = torch.where((farthest == 0) & (distinct == picks), torch.full_like(distinct, i + 1), distinct)
+    # every distinct position picked (duplicates or fewer points than asked): cycle through the distinct picks
+    order = torch.arange(num_samples, device=xyz.device).expand(batch, -1)
+    chosen = chosen.gather(1, torch.remainder(order, distinct.unsqueeze(1)))
     return chosen[0] if single else chosen
 
 
@@ -169,14 +188,19 @@ def knn_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, memory_mb: fl
     keys_count = keys.shape[1]
     if not 1 <= k <= keys_count:
         raise InvalidInputError(f"knn_indices: k must be between 1 and the {keys_count} points, got {k}")
-    bytes_per_row = batch * keys_count * 4 * 3  # the distances, their top-k workspace and the matmul output
+    queries, keys = _full_precision(queries), _full_precision(keys)
+    # per query row: the product, the two sums that make the distances, and top-k's workspace
+    bytes_per_row = batch * keys_count * keys.element_size() * 4
     chunk = max(1, min(queries_count, int(memory_mb * 2**20 // bytes_per_row)))
-    key_norms = keys.square().sum(-1).unsqueeze(1)  # (B, 1, N)
     out = []
-    for begin in range(0, queries_count, chunk):
-        part = queries[:, begin:begin + chunk]
-        squared = part.square().sum(-1, keepdim=True) + key_norms - 2 * part @ keys.transpose(1, 2)
-        out.append(squared.topk(k, dim=-1, largest=False, sorted=True).indices)
+    with _no_autocast(queries.device):
+        key_norms = keys.square().sum(-1).unsqueeze(1)  # (B, 1, N)
+        for begin in range(0, queries_count, chunk):
+            part = queries[:, begin:begin + chunk]
+            squared = torch.baddbmm(key_norms + part.square().sum(-1, keepdim=True), part, keys.transpose(1, 2),
+                                    alpha=-2.0)
+            out.append(squared.topk(k, dim=-1, largest=False, sorted=True).indices)
+            del squared
     return torch.cat(out, dim=1)
 
 
@@ -213,10 +237,12 @@ def project_points(xyz: torch.Tensor, num_views: int, image_size: int, fit: str 
         raise InvalidInputError(f"fit must be 'extent' or 'sphere', got {fit!r}")
     if image_size < 8:
         raise InvalidInputError(f"image_size must be at least 8, got {image_size}")
+    xyz = _full_precision(xyz)
     frames = view_frames(num_views, up_axis, dtype=xyz.dtype, device=xyz.device)
-    coords = torch.einsum("vij,bnj->bvni", frames, xyz)  # (B, V, N, 3): right, up, towards
+    with _no_autocast(xyz.device):
+        coords = torch.einsum("vij,bnj->bvni", frames, xyz)  # (B, V, N, 3): right, up, towards
     u, w, towards = coords.unbind(-1)
-    cells = image_size - 3  # the span is cut into this many cells: positions 0..cells, then +1 margin
+    cells = image_size - 2  # the span is cut into this many equal pixels, with a one-pixel margin on each side
     if fit == "sphere":
         low_u = torch.full_like(u[..., :1], -1.0)
         high_w = torch.full_like(w[..., :1], 1.0)
@@ -228,11 +254,13 @@ def project_points(xyz: torch.Tensor, num_views: int, image_size: int, fit: str 
         span_u, span_w = high_u - low_u, high_w - low_w
         step = torch.maximum(span_u, span_w) / cells
         step = torch.where(step > 0, step, torch.ones_like(step))
-    used_u = torch.floor(span_u / step).clamp(0, cells) + 1  # cells the cloud covers in each direction
-    used_w = torch.floor(span_w / step).clamp(0, cells) + 1
-    cols = torch.floor((u - low_u) / step).clamp(0, cells) + 1 + torch.div(cells + 1 - used_u, 2, rounding_mode="floor")
-    rows = torch.floor((high_w - w) / step).clamp(0, cells) + 1 + torch.div(cells + 1 - used_w, 2,
-                                                                            rounding_mode="floor")
+    used_u = torch.ceil(span_u / step).clamp(1, cells)  # pixels the cloud covers in each direction
+    used_w = torch.ceil(span_w / step).clamp(1, cells)
+    # a point on the far edge of the span belongs to the last covered pixel, not one beyond it
+    cols = torch.minimum(torch.floor((u - low_u) / step).clamp(min=0), used_u - 1)
+    rows = torch.minimum(torch.floor((high_w - w) / step).clamp(min=0), used_w - 1)
+    cols = cols + 1 + torch.div(cells - used_u, 2, rounding_mode="floor")
+    rows = rows + 1 + torch.div(cells - used_w, 2, rounding_mode="floor")
     return rows.long(), cols.long(), towards
 
 
@@ -264,7 +292,7 @@ class DepthProjection(nn.Module):
         size = self.image_size
         rows, cols, towards = project_points(points[..., :3], self.num_views, size, self.fit, self.up_axis)
         batch, views, _ = rows.shape
-        brightness = 0.1 + 0.45 * (towards.clamp(-1, 1) + 1)  # nearer is brighter, always > 0
+        brightness = (0.1 + 0.45 * (towards.clamp(-1, 1) + 1)).float()  # nearer is brighter, always > 0
         pixel = ((torch.arange(batch * views, device=rows.device).view(batch, views, 1) * size + rows) * size + cols)
         canvas = brightness.new_zeros(batch * views * size * size)
         canvas = canvas.scatter_reduce(0, pixel.reshape(-1), brightness.reshape(-1), reduce="amax", include_self=True)
@@ -275,7 +303,7 @@ class DepthProjection(nn.Module):
 class _MultiViewFusion(nn.Module):
     """The views of one cloud attend to each other: ``(B * V, C, S, S)`` -> same shape.
 
-    ``patch x patch`` patches embedded to ``dim`` channels, one transformer block over the patches of all ``V`` views
+    ``patch x patch`` patches (the maps zero-padded to whole patches) embedded to ``dim`` channels, one transformer block over the patches of all ``V`` views
     of a cloud, upsampled back (nearest), a 3x3 conv with GELU, then merged with the input by a 1x1 conv with GELU.
     """
 
@@ -290,12 +318,13 @@ class _MultiViewFusion(nn.Module):
         self.merge = nn.Sequential(nn.Conv2d(2 * channels, channels, 1), nn.GELU())
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(maps)  # (B*V, dim, s, s)
-        side = tokens.shape[-1]
-        tokens = rearrange(tokens, "(b v) c h w -> b (v h w) c", v=self.num_views)
+        size = maps.shape[-1]
+        side = math.ceil(size / self.patch)
+        padded = F.pad(maps, (0, side * self.patch - size, 0, side * self.patch - size))  # whole patches only
+        tokens = rearrange(self.embed(padded), "(b v) c h w -> b (v h w) c", v=self.num_views)
         tokens = self.block(tokens)
         tokens = rearrange(tokens, "b (v h w) c -> (b v) c h w", v=self.num_views, h=side, w=side)
-        tokens = F.interpolate(tokens, size=maps.shape[-2:], mode="nearest")
+        tokens = F.interpolate(tokens, scale_factor=self.patch, mode="nearest")[..., :size, :size]
         return self.merge(torch.cat([self.expand(tokens), maps], dim=1))
 
 
@@ -331,8 +360,8 @@ class P2PProjection(nn.Module):
 
     def point_features(self, points: torch.Tensor) -> torch.Tensor:
         """``(B, N, C)`` -> ``(B, N, graph_dim)``: per-point embedding and k-NN edge convolution."""
-        xyz = points[..., :3]
-        features = self.point_embed(points)  # (B, N, d)
+        xyz = points[..., :3]  # neighbours from the coordinates as given (knn_indices works in float32 at least)
+        features = self.point_embed(points.to(self.point_embed.weight.dtype))  # (B, N, d)
         k = min(self.neighbours, points.shape[1])
         with torch.no_grad():
             neighbours = knn_indices(xyz.detach(), xyz.detach(), k, self.knn_memory_mb)  # (B, N, k)
@@ -357,10 +386,22 @@ class P2PProjection(nn.Module):
 # the adapter
 
 
+# open3d's readers and its random seed are process-wide: one reader at a time (threads of a DataLoader included)
+_OPEN3D_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _open3d_messages():
     """Collect what open3d's readers print while the block runs (they report a truncated or corrupt file only as a
-    printed warning and return what they read so far). Yields a list that holds the printed lines afterwards."""
+    printed warning and return what they read so far). Yields a list that holds the printed lines afterwards. The
+    process's stdout and stderr are redirected meanwhile, under a lock, so concurrent loads cannot lose them."""
+    with _OPEN3D_LOCK:
+        with _redirected_output() as lines:
+            yield lines
+
+
+@contextlib.contextmanager
+def _redirected_output():
     lines: List[str] = []
     sys.stdout.flush()
     sys.stderr.flush()
@@ -450,6 +491,13 @@ class PointCloudAdapter(ModalityAdapter):
             raise InvalidInputError(f"fit must be 'extent' or 'sphere', got {fit!r}")
         if up_axis not in _UP_AXIS_FRAMES:
             raise InvalidInputError(f"up_axis must be one of {sorted(_UP_AXIS_FRAMES)}, got {up_axis!r}")
+        if neighbours < 1 or knn_memory_mb <= 0 or translate < 0 or jitter_sigma < 0 or jitter_clip < 0 \
+                or (mesh_samples is not None and mesh_samples < 1):
+            raise InvalidInputError(
+                "need neighbours >= 1, knn_memory_mb > 0, translate, jitter_sigma and jitter_clip >= 0 and "
+                f"mesh_samples >= 1, got {neighbours}, {knn_memory_mb}, {translate}, {jitter_sigma}, {jitter_clip}, "
+                f"{mesh_samples}"
+            )
         if scale_range is not None:
             scale_range = [float(s) for s in scale_range]
             if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
@@ -492,7 +540,8 @@ class PointCloudAdapter(ModalityAdapter):
 
     def load(self, source: Any) -> torch.Tensor:
         """A path, bytes or file object (point file, mesh, ``.npy``/``.npz``), an array or tensor ``(N, 3+)``, or an
-        open3d ``PointCloud``/``TriangleMesh`` -> float32 ``(N, 3 + extra)``."""
+        open3d ``PointCloud``/``TriangleMesh`` -> float64 ``(N, 3 + extra)`` (float64 so that georeferenced
+        coordinates keep their precision until they are centred)."""
         name = describe_source(source)
         if isinstance(source, o3d.geometry.TriangleMesh):
             return self._checked(self._from_mesh(source, name), name)
@@ -504,6 +553,8 @@ class PointCloudAdapter(ModalityAdapter):
             return self._checked(self._from_path(Path(source), name), name)
         if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
             data = bytes(source) if not hasattr(source, "read") else source.read()
+            if isinstance(data, str):  # a file opened in text mode
+                data = data.encode("utf-8")
             suffix = Path(getattr(source, "name", "") or "").suffix.lower()
             return self._checked(self._from_bytes(data, suffix, name), name)
         raise InvalidInputError(
@@ -530,15 +581,8 @@ class PointCloudAdapter(ModalityAdapter):
             _raise_on_failure(messages, name, suffix)
             if len(mesh.triangles) > 0:
                 return self._from_mesh(mesh, name)
-            if suffix != ".ply":  # a mesh format without faces: its vertices are the points
-                if len(mesh.vertices) == 0:
-                    raise InvalidInputError(f"{name}: not a readable {suffix} file (open3d found no vertices)")
-                cloud = o3d.geometry.PointCloud(mesh.vertices)
-                if mesh.has_vertex_colors():
-                    cloud.colors = mesh.vertex_colors
-                if mesh.has_vertex_normals():
-                    cloud.normals = mesh.vertex_normals
-                return self._from_point_cloud(cloud, name)
+            if suffix != ".ply":  # only a PLY file may hold points without faces
+                raise InvalidInputError(f"{name}: the {suffix} mesh has no faces")
         with _open3d_messages() as messages:
             cloud = o3d.io.read_point_cloud(str(path))
         _raise_on_failure(messages, name, suffix)
@@ -599,7 +643,7 @@ class PointCloudAdapter(ModalityAdapter):
         if not (tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
                                                                 torch.uint8)):
             raise InvalidInputError(f"{name}: unsupported point dtype {tensor.dtype}")
-        return tensor[:, : self.in_features].float()
+        return tensor[:, : self.in_features].double()
 
     def _from_point_cloud(self, cloud: "o3d.geometry.PointCloud", name: str) -> torch.Tensor:
         columns = [np.asarray(cloud.points)]
@@ -608,11 +652,18 @@ class PointCloudAdapter(ModalityAdapter):
             if not present:
                 raise InvalidInputError(f"{name}: point_features asks for {feature}, but the cloud has none")
             columns.append(np.asarray(cloud.colors if feature == "colors" else cloud.normals))
-        return torch.from_numpy(np.concatenate(columns, axis=1)).float()
+        return torch.from_numpy(np.concatenate(columns, axis=1)).double()
 
     def _from_mesh(self, mesh: "o3d.geometry.TriangleMesh", name: str) -> torch.Tensor:
         if len(mesh.triangles) == 0:
             raise InvalidInputError(f"{name}: the mesh has no triangles")
+        triangles, count = np.asarray(mesh.triangles), len(mesh.vertices)
+        outside = ((triangles < 0) | (triangles >= count)).any(axis=1)
+        if outside.any():  # open3d would read past its vertex array (and may crash the process)
+            face = int(np.argmax(outside))
+            raise InvalidInputError(
+                f"{name}: face {face} refers to vertex {triangles[face].tolist()}, but the mesh has {count} vertices"
+            )
         if "colors" in self.point_features and not mesh.has_vertex_colors():
             raise InvalidInputError(f"{name}: point_features asks for colors, but the mesh has no vertex colours")
         vertices = np.asarray(mesh.vertices)
@@ -623,8 +674,8 @@ class PointCloudAdapter(ModalityAdapter):
         area = mesh.get_surface_area()
         if not area > 0:
             raise InvalidInputError(f"{name}: the mesh has no surface area (all triangles are degenerate)")
-        o3d.utility.random.seed(self.seed)
-        with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
+        with _OPEN3D_LOCK, o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Error):
+            o3d.utility.random.seed(self.seed)
             cloud = mesh.sample_points_uniformly(self.mesh_samples, use_triangle_normal="normals" in
                                                  self.point_features)
         return self._from_point_cloud(cloud, name)
@@ -644,8 +695,10 @@ class PointCloudAdapter(ModalityAdapter):
     # preprocessing and augmentation
 
     def voxel_downsample(self, points: torch.Tensor) -> torch.Tensor:
-        """Thin a cloud of more than ``max_points`` points with open3d's voxel grid (colours and normals averaged),
-        growing the voxel until at most ``max_points`` remain (seeded random subsampling after eight tries)."""
+        """Thin a cloud of more than ``max_points`` points with open3d's voxel grid (colours and normals averaged,
+        normals re-normalised), growing the voxel until at most ``max_points`` remain; seeded random subsampling
+        finishes the job after eight tries, and replaces the voxel grid when outliers made it so coarse that fewer
+        than a quarter of ``max_points`` would remain."""
         if points.shape[0] <= self.max_points:
             return points
         cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].double().numpy()))
@@ -666,29 +719,35 @@ class PointCloudAdapter(ModalityAdapter):
                 break
             voxel *= math.sqrt(len(thinned.points) / self.max_points) * 1.05
         result = self._from_point_cloud(thinned, "voxel down-sampling")
+        if "normals" in self.point_features:  # averaged normals are shorter than 1
+            at = 3 + 3 * self.point_features.index("normals")
+            result[:, at:at + 3] = F.normalize(result[:, at:at + 3], dim=1)
+        if result.shape[0] < self.max_points // 4:
+            result = points  # outliers made the voxels too coarse: subsample the original instead
         if result.shape[0] > self.max_points:
             keep = torch.randperm(result.shape[0], generator=torch.Generator().manual_seed(self.seed))
-            result = result[keep[: self.max_points]]
+            result = result[keep[: self.max_points].sort().values]
         return result
 
     def preprocess(self, raw: torch.Tensor) -> torch.Tensor:
-        """``(N, C)`` -> ``(num_points, C)``: voxel thinning of huge clouds, farthest-point sampling, unit sphere."""
-        points = self.voxel_downsample(raw.float())
-        picked = points[farthest_point_sample(points, self.num_points)]
-        return normalize_to_unit_sphere(picked).contiguous()
+        """``(N, C)`` -> float32 ``(num_points, C)``: voxel thinning of huge clouds, centring on the centroid and
+        scaling into the unit sphere (in float64), then farthest-point sampling."""
+        points = normalize_to_unit_sphere(self.voxel_downsample(raw.double()))
+        return points[farthest_point_sample(points, self.num_points)].float().contiguous()
 
     def augment(self, sample: torch.Tensor) -> torch.Tensor:
         """Random rotation, anisotropic scale, translation and jitter of one ``(P, C)`` sample."""
         xyz = sample[:, :3]
-        rotation = self._random_rotation(sample.dtype)
+        where = {"dtype": sample.dtype, "device": sample.device}
+        rotation = self._random_rotation(sample.dtype).to(sample.device)
         xyz = xyz @ rotation.T
-        scale = torch.ones(3, dtype=sample.dtype)
+        scale = torch.ones(3, **where)
         if self.scale_range is not None:
             low, high = self.scale_range
-            scale = torch.empty(3, dtype=sample.dtype).uniform_(low, high)
+            scale = torch.empty(3, **where).uniform_(low, high)
             xyz = xyz * scale
         if self.translate:
-            xyz = xyz + torch.empty(3, dtype=sample.dtype).uniform_(-self.translate, self.translate)
+            xyz = xyz + torch.empty(3, **where).uniform_(-self.translate, self.translate)
         if self.jitter_sigma:
             noise = torch.randn_like(xyz) * self.jitter_sigma
             xyz = xyz + (noise.clamp(-self.jitter_clip, self.jitter_clip) if self.jitter_clip else noise)
@@ -728,6 +787,8 @@ class PointCloudAdapter(ModalityAdapter):
             )
         if not batch.is_floating_point():
             raise InvalidInputError(f"point_cloud: expected floating-point points, got {batch.dtype}")
+        if not bool(torch.isfinite(batch).all()):
+            raise InvalidInputError("point_cloud: the batch holds NaN or infinite coordinates")
         return self.projection(batch)
 
     def encode(self, batch: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:

@@ -522,10 +522,11 @@ class TimeSeriesAdapter(ModalityAdapter):
                 parsed = _as_timestamps(frame[column], column, name, line_offset, explicit=False)
                 if parsed is not None:
                     return parsed, column
-        for column in candidates:  # failing those, the first text column that is all dates
-            if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+        for column in candidates:  # failing those, the first text column that is all plausible, increasing dates
+            if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])
+                    or isinstance(frame[column].dtype, pd.CategoricalDtype)):
                 parsed = _as_timestamps(frame[column], column, name, line_offset, explicit=False)
-                if parsed is not None:
+                if parsed is not None and _plausible_time_axis(parsed):
                     return parsed, column
         return None, None
 
@@ -728,7 +729,8 @@ class TimeSeriesAdapter(ModalityAdapter):
             )
         values, features = sample[:, : self.num_variables], sample[:, self.num_variables:]
         if self.task == "classification" and self.scaling > 0:
-            values = values * (1 + self.scaling * torch.randn(self.num_variables, dtype=values.dtype))
+            values = values * (1 + self.scaling * torch.randn(self.num_variables, dtype=values.dtype,
+                                                              device=values.device))
         values = self._jittered(values)
         return torch.cat([values, features], dim=1)
 
@@ -745,7 +747,8 @@ class TimeSeriesAdapter(ModalityAdapter):
             )
         values, features = inputs[..., : self.num_variables], inputs[..., self.num_variables:]
         if self.scaling > 0:
-            factor = 1 + self.scaling * torch.randn(*inputs.shape[:-2], 1, self.num_variables, dtype=values.dtype)
+            factor = 1 + self.scaling * torch.randn(*inputs.shape[:-2], 1, self.num_variables, dtype=values.dtype,
+                                                    device=values.device)
             values, targets = values * factor, targets * factor
         return torch.cat([self._jittered(values), features], dim=-1), targets
 
@@ -810,10 +813,14 @@ class TimeSeriesAdapter(ModalityAdapter):
                 f"{self.name}: expected a preprocessed batch (B, length={self.length}, D + {NUM_TIME_FEATURES}="
                 f"{width}), got {shape}"
             )
-        batch = batch.to(self.affine_weight.dtype)
-        values, features = batch[..., : self.num_variables], batch[..., self.num_variables:]
+        # the statistics come from the batch as given (at least float32), so a bfloat16 embedding does not round the
+        # level a forecast is de-normalised with; only what feeds the layers takes the parameters' dtype
+        if batch.dtype not in (torch.float32, torch.float64):
+            batch = batch.float()
+        dtype = self.affine_weight.dtype
+        values, features = batch[..., : self.num_variables], batch[..., self.num_variables:].to(dtype)
         normalised, stats = self.normalize(values)
-        grouped = rearrange(normalised, "b l (n v) -> (b n) v l", n=self.num_nodes)
+        grouped = rearrange(normalised.to(dtype), "b l (n v) -> (b n) v l", n=self.num_nodes)
         embedded = self.value_embedding(grouped).transpose(1, 2)  # (B * n, L, d_model)
         embedded = embedded + repeat(self.time_embedding(features), "b l d -> (b n) l d", n=self.num_nodes)
         if self.static_embedding is not None:
@@ -832,11 +839,21 @@ class TimeSeriesAdapter(ModalityAdapter):
         maps, stats = self._embed(batch)
         context: dict[str, Any] = {"maps_per_sample": self.num_nodes, "num_variables": self.num_variables,
                                    "num_nodes": self.num_nodes, **stats}
+        if self.task == "forecasting":
+            context["horizon"] = self.horizon
         return maps, context
 
 
 # -------------------------------------------------------------------------------------------------------------------
 # helpers for reading tables
+
+
+def _plausible_time_axis(timestamps: pd.DatetimeIndex) -> bool:
+    """Whether dates guessed from a text column look like a time axis (so codes such as "1-2" or "1,234", which
+    pandas can read as dates, stay values): years 1900 to 2200, strictly increasing."""
+    years = timestamps.year
+    return bool(len(timestamps) > 0 and years.min() >= 1900 and years.max() <= 2200
+                and timestamps.is_monotonic_increasing and timestamps.is_unique)
 
 
 def _is_number(text: Any) -> bool:

@@ -30,12 +30,20 @@ def test_heads_reject_mismatched_features():
     head = ClassificationHead(num_features=4, num_classes=3, maps_per_sample=4)
     with pytest.raises(UniPerceptionError, match="built for 4 maps per sample, the adapter made 3"):
         head(torch.randn(12, 4), {"maps_per_sample": 3})
-    with pytest.raises(UniPerceptionError, match=r"expected pooled features \(B \* 4, C\)"):
+    with pytest.raises(UniPerceptionError, match=r"expected pooled features \(B \* 4, 4\), got \(6, 4\)"):
         head(torch.randn(6, 4))
+    with pytest.raises(UniPerceptionError, match=r"expected pooled features \(B \* 4, 4\), got \(8, 5\)"):
+        head(torch.randn(8, 5))  # features of another backbone
+    with pytest.raises(UniPerceptionError, match="maps_per_sample >= 1"):
+        EmbeddingHead(0)
     with pytest.raises(UniPerceptionError, match="encode\\(\\) context"):
         ForecastingHead(4, horizon=2, num_variables=1)(torch.randn(2, 4), None)
     with pytest.raises(UniPerceptionError, match="divisible"):
         ForecastingHead(4, horizon=2, num_variables=3, num_nodes=2)
+    adapter = create_adapter("time_series", num_variables=1, task="forecasting", length=32, horizon=6, min_d_model=32)
+    _, context = adapter.encode(torch.randn(2, 32, 7))
+    with pytest.raises(UniPerceptionError, match="forecasts 4 steps of 1 variables; the adapter is set up for 6 steps"):
+        ForecastingHead(4, horizon=4, num_variables=1)(torch.randn(2, 4), context)
 
 
 def test_embedding_head_averages_the_maps_of_a_sample():
@@ -94,3 +102,30 @@ def test_forecasts_are_in_the_input_units_and_train():
     assert torch.isfinite(loss)
     for module in (head.fc, adapter):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_nodes_and_variables_keep_their_places_from_embedding_to_forecast():
+    """Each forecast variable depends on its own node's map only, and each sample on its own inputs only: the
+    grouping of the embedding and the head's regrouping agree (B = 2, D = 6, n = 3)."""
+    torch.manual_seed(0)
+    adapter = create_adapter("time_series", num_variables=6, task="forecasting", length=32, horizon=3,
+                             min_d_model=32, num_nodes=3)
+    head = ForecastingHead(num_features=16, horizon=3, num_variables=6, num_nodes=3)
+    inputs = torch.randn(2, 32, 12)
+    maps, context = adapter.encode(inputs)
+    features = maps.flatten(1)[:, :16].clone().requires_grad_(True)  # stands in for the backbone's features
+    forecast = head(features, context)
+    for b in range(2):
+        for variable in range(6):
+            (grad,) = torch.autograd.grad(forecast[b, :, variable].sum(), features, retain_graph=True)
+            touched = grad.abs().sum(1).nonzero().flatten().tolist()
+            assert touched == [b * 3 + variable // 2], (b, variable, touched)
+    # and the maps: map b * n + k holds sample b's variables 2k and 2k + 1 only
+    values = inputs.clone().requires_grad_(True)
+    maps = adapter(values)
+    for b in range(2):
+        for node in range(3):
+            (grad,) = torch.autograd.grad(maps[b * 3 + node].sum(), values, retain_graph=True)
+            used = grad[..., :6].abs().sum(1).nonzero().tolist()
+            assert used == [[b, 2 * node], [b, 2 * node + 1]], (b, node, used)
+            assert grad[1 - b].abs().sum() == 0  # time features of the other sample do not leak in either

@@ -562,3 +562,33 @@ def test_augment_leaves_time_features_alone():
 def test_module_example_runs():
     result = doctest.testmod(ts_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_text_codes_that_parse_as_dates_stay_values():
+    codes = pd.DataFrame({"station": ["1-2", "2-3", "3-4", "4-5"], "v": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(InvalidInputError, match=r"column 'station' is not numeric \(row 0: '1-2'\)"):
+        TimeSeriesAdapter(num_variables=1).load(codes)
+    with pytest.raises(InvalidInputError, match=r"column 'price' is not numeric \(row 0: '1,234'\)"):
+        TimeSeriesAdapter(num_variables=1).load(b'price\n"1,234"\n"2,345"\n')
+    days = pd.DataFrame({"day": ["2024-01-01", "2024-01-02", "2024-01-03"], "v": [1.0, 2.0, 3.0]})
+    assert TimeSeriesAdapter(num_variables=1).load(days).timestamps[2] == pd.Timestamp("2024-01-03")
+
+
+def test_low_precision_embedding_keeps_the_forecast_level():
+    adapter = TimeSeriesAdapter(num_variables=1, task="forecasting", length=32, horizon=4, min_d_model=32)
+    level = 1000 + torch.sin(torch.arange(32.0) / 3).view(1, 32, 1)
+    inputs = torch.cat([level, torch.zeros(1, 32, 6)], dim=2)
+    _, exact = adapter.encode(inputs)
+    _, low = adapter.to(torch.bfloat16).encode(inputs)
+    assert low["mean"].dtype == torch.float32
+    assert torch.allclose(low["mean"], exact["mean"]) and torch.allclose(low["scale"], exact["scale"])
+    assert low["horizon"] == 4
+
+
+def test_augmentation_stays_on_the_batch_device():
+    adapter = TimeSeriesAdapter(num_variables=2, task="forecasting", length=8, horizon=2, min_d_model=128)
+    inputs, targets = torch.randn(3, 8, 8, device="meta"), torch.randn(3, 2, 2, device="meta")
+    moved_inputs, moved_targets = adapter.augment_window(inputs, targets)
+    assert moved_inputs.device.type == "meta" and moved_targets.device.type == "meta"
+    classifier = TimeSeriesAdapter(num_variables=2, length=8, min_d_model=128)
+    assert classifier.augment(torch.randn(8, 8, device="meta")).device.type == "meta"

@@ -30,13 +30,15 @@ from .errors import UniPerceptionError
 __all__ = ["ClassificationHead", "EmbeddingHead", "ForecastingHead"]
 
 
-def _maps_per_sample(features: torch.Tensor, context: Optional[Dict[str, Any]], expected: int, head: str) -> int:
-    maps = int((context or {}).get("maps_per_sample", expected))
+def _maps_per_sample(features: torch.Tensor, context: Optional[Dict[str, Any]], expected: int, head: str,
+                     num_features: Optional[int] = None) -> int:
+    maps = (context or {}).get("maps_per_sample", expected)
     if maps != expected:
         raise UniPerceptionError(f"{head} was built for {expected} maps per sample, the adapter made {maps}")
-    if features.ndim != 2 or features.shape[0] % maps:
+    wrong_width = num_features is not None and features.ndim == 2 and features.shape[1] != num_features
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] % maps or wrong_width:
         raise UniPerceptionError(
-            f"{head}: expected pooled features (B * {maps}, C), got {tuple(features.shape)}"
+            f"{head}: expected pooled features (B * {maps}, {num_features or 'C'}), got {tuple(features.shape)}"
         )
     return maps
 
@@ -58,14 +60,14 @@ class ClassificationHead(nn.Module):
                 f"ClassificationHead needs num_classes >= 1 and maps_per_sample >= 1, got {num_classes}, "
                 f"{maps_per_sample}"
             )
-        self.maps_per_sample = maps_per_sample
+        self.maps_per_sample, self.num_features = maps_per_sample, num_features
         width = num_features * maps_per_sample
         self.norm = nn.LayerNorm(width) if maps_per_sample > 1 else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, features: torch.Tensor, context: Optional[Dict[str, Any]] = None) -> torch.Tensor:
-        maps = _maps_per_sample(features, context, self.maps_per_sample, "ClassificationHead")
+        maps = _maps_per_sample(features, context, self.maps_per_sample, "ClassificationHead", self.num_features)
         joined = rearrange(features, "(b m) c -> b (m c)", m=maps)
         return self.fc(self.drop(self.norm(joined)))
 
@@ -75,6 +77,8 @@ class EmbeddingHead(nn.Module):
 
     def __init__(self, maps_per_sample: int = 1):
         super().__init__()
+        if maps_per_sample < 1:
+            raise UniPerceptionError(f"EmbeddingHead needs maps_per_sample >= 1, got {maps_per_sample}")
         self.maps_per_sample = maps_per_sample
 
     def forward(self, features: torch.Tensor, context: Optional[Dict[str, Any]] = None) -> torch.Tensor:
@@ -103,6 +107,7 @@ class ForecastingHead(nn.Module):
                 f"{horizon}, {num_variables} variables, {num_nodes} nodes"
             )
         self.horizon, self.num_variables, self.num_nodes = horizon, num_variables, num_nodes
+        self.num_features = num_features
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(num_features, horizon * (num_variables // num_nodes))
 
@@ -111,7 +116,13 @@ class ForecastingHead(nn.Module):
         if context is None or "mean" not in context:
             raise UniPerceptionError("ForecastingHead needs the time-series adapter's encode() context to "
                                      "de-normalise its forecasts")
-        nodes = _maps_per_sample(features, context, self.num_nodes, "ForecastingHead")
+        if context.get("horizon", self.horizon) != self.horizon or context.get("num_variables", self.num_variables) \
+                != self.num_variables:
+            raise UniPerceptionError(
+                f"ForecastingHead forecasts {self.horizon} steps of {self.num_variables} variables; the adapter is "
+                f"set up for {context.get('horizon')} steps of {context.get('num_variables')} variables"
+            )
+        nodes = _maps_per_sample(features, context, self.num_nodes, "ForecastingHead", self.num_features)
         values = self.fc(self.drop(features))  # (B*n, T * D/n)
         values = rearrange(values, "(b n) (t v) -> b t (n v)", n=nodes, t=self.horizon)
         return denormalize(values, context)
