@@ -303,8 +303,9 @@ class DepthProjection(nn.Module):
 class _MultiViewFusion(nn.Module):
     """The views of one cloud attend to each other: ``(B * V, C, S, S)`` -> same shape.
 
-    ``patch x patch`` patches (the maps zero-padded to whole patches) embedded to ``dim`` channels, one transformer block over the patches of all ``V`` views
-    of a cloud, upsampled back (nearest), a 3x3 conv with GELU, then merged with the input by a 1x1 conv with GELU.
+    ``patch x patch`` patches (the maps zero-padded to whole patches) embedded to ``dim`` channels, one transformer
+    block over the patches of all ``V`` views of a cloud, upsampled back (nearest), a 3x3 conv with GELU, then merged
+    with the input by a 1x1 conv with GELU.
     """
 
     def __init__(self, channels: int, num_views: int, dim: int = 128, patch: int = 7, heads: int = 8):
