@@ -159,7 +159,7 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, start: Optiona
             start = torch.randint(0, count, (batch,), generator=generator).to(xyz.device)
         else:
             start = torch.zeros(batch, dtype=torch.long, device=xyz.device)
-    xyz = _full_precision(xyz)
+    xyz = _full_precision(xyz).transpose(1, 2).contiguous()  # (B, 3, N): each coordinate a contiguous row
     chosen = torch.empty(batch, picks, dtype=torch.long, device=xyz.device)
     distance = torch.full((batch, count), float("inf"), dtype=xyz.dtype, device=xyz.device)
     rows = torch.arange(batch, device=xyz.device)
@@ -167,8 +167,10 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, start: Optiona
     current = start.to(xyz.device).long()
     for i in range(picks):
         chosen[:, i] = current
-        latest = xyz[rows, current].unsqueeze(1)  # (B, 1, 3)
-        distance = torch.minimum(distance, (xyz - latest).square().sum(-1))
+        offset = xyz - xyz[rows, :, current].unsqueeze(-1)  # (B, 3, N)
+        squared = offset[:, 0] * offset[:, 0]
+        squared.addcmul_(offset[:, 1], offset[:, 1]).addcmul_(offset[:, 2], offset[:, 2])
+        torch.minimum(distance, squared, out=distance)
         farthest, current = distance.max(dim=1)
         distinct = torch.where((farthest == 0) & (distinct == picks), torch.full_like(distinct, i + 1), distinct)
     # every distinct position picked (duplicates or fewer points than asked): cycle through the distinct picks
