@@ -4,3 +4,7 @@ time series."""
 __version__ = "0.1.0"
 
 import backbones  # noqa: F401  (registers the UniRepLKNet variants with timm)
+
+from .model import UniPerceiver  # noqa: E402
+
+__all__ = ["UniPerceiver", "__version__"]

@@ -1,0 +1,570 @@
+"""``UniPerceiver``: adapters, one backbone and heads, from raw files to answers.
+
+::
+
+    from uniperception import UniPerceiver
+
+    model = UniPerceiver(modality="audio", backbone="unireplknet_a", num_classes=35)
+    results = model.predict(["yes.wav", "no.flac"])          # label, class name, probabilities per file
+    model.save_pretrained("commands")                        # config.json + model.safetensors
+    same = UniPerceiver.from_pretrained("commands")
+
+    both = UniPerceiver(modality=["audio", "image"], num_classes={"audio": 35, "image": 10})
+    logits = both({"audio": spectrograms, "image": photos})   # one shared backbone, a stem and head per modality
+
+A model has one adapter per modality (``modalities``), one backbone (any UniRepLKNet variant or any other timm model
+name, so the paper's kernel-size ablation is one argument) built with ``num_classes=0`` so it returns pooled features,
+and one head per modality (``uniperception.heads``). With several modalities the backbone's first convolution, the only
+layer that depends on the number of input channels, is replaced by one convolution per modality
+(:class:`ModalityStems`); every other backbone tensor is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import timm
+import torch
+from torch import nn
+
+from backbones.checkpoint import read_state_dict
+from backbones.errors import CheckpointError
+from modalities import create_adapter, list_modalities
+
+from .errors import UniPerceptionError
+from .heads import ClassificationHead, EmbeddingHead, ForecastingHead
+
+__all__ = ["ModalityStems", "UniPerceiver", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TASKS = ("classification", "forecasting", "embedding")
+
+
+class ModalityStems(nn.Module):
+    """The backbone's first convolution, one per modality: same output channels, kernel, stride and padding, each with
+    the input channels of its modality. :meth:`select` picks the one the next forward pass uses."""
+
+    def __init__(self, template: nn.Conv2d, channels: Dict[str, int]):
+        super().__init__()
+        from timm.models import adapt_input_conv
+
+        self.convs = nn.ModuleDict()
+        for modality, in_chans in channels.items():
+            conv = nn.Conv2d(in_chans, template.out_channels, template.kernel_size, template.stride,
+                             template.padding, template.dilation, template.groups, template.bias is not None)
+            with torch.no_grad():  # start every stem from the template's filters, adapted to its channel count
+                conv.weight.copy_(adapt_input_conv(in_chans, template.weight.detach().clone(),
+                                                   base_chans=template.in_channels))
+                if template.bias is not None:
+                    conv.bias.copy_(template.bias.detach())
+            self.convs[modality] = conv
+        self.active = next(iter(channels))
+
+    def select(self, modality: str) -> None:
+        if modality not in self.convs:
+            raise UniPerceptionError(f"no stem for modality {modality!r}; stems: {sorted(self.convs)}")
+        self.active = modality
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs[self.active](x)
+
+
+def _per_modality(value: Any, modalities: Sequence[str], what: str) -> Dict[str, Any]:
+    """``value`` for each modality: a dict keyed by modality, or one value for a single modality."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(modalities))
+        if unknown:
+            raise UniPerceptionError(f"{what} names modalities the model does not have: {unknown}")
+        return {m: value.get(m) for m in modalities}
+    if len(modalities) > 1 and value is not None:
+        raise UniPerceptionError(f"with several modalities give {what} as a dict keyed by modality, got {value!r}")
+    return {m: value for m in modalities}
+
+
+class UniPerceiver(nn.Module):
+    """Raw data of one or more modalities to class probabilities, forecasts or embeddings.
+
+    Args:
+        modality: a registered modality (``modalities.list_modalities()``) or a list of them.
+        backbone: ``unireplknet_a`` ... ``unireplknet_xl`` or any other timm model name (``convnext_tiny``,
+            ``resnet50``, ...).
+        num_classes: classes (classification); a dict keyed by modality when there are several. Taken from
+            ``class_names`` when omitted.
+        task: ``"classification"``, ``"forecasting"`` (time series) or ``"embedding"``.
+        class_names: names of the classes, kept with the model (a dict keyed by modality for several).
+        kernel_sizes: UniRepLKNet kernel plan: one int per stage, one tuple per stage, or one int for the last stage
+            only (``kernel_sizes=11``).
+        drop_path_rate: stochastic depth of the backbone.
+        head_dropout: dropout before the classifier or forecaster.
+        adapters: adapter configurations keyed by modality (for several modalities).
+        **adapter_config: the adapter's configuration (one modality), e.g. ``target_frames=1024``.
+    """
+
+    def __init__(
+        self,
+        modality: Union[str, Sequence[str]] = "image",
+        backbone: str = "unireplknet_a",
+        num_classes: Union[int, Dict[str, int], None] = None,
+        task: str = "classification",
+        class_names: Union[Sequence[str], Dict[str, Sequence[str]], None] = None,
+        kernel_sizes: Any = None,
+        drop_path_rate: float = 0.0,
+        head_dropout: float = 0.0,
+        adapters: Optional[Dict[str, Dict[str, Any]]] = None,
+        **adapter_config: Any,
+    ):
+        super().__init__()
+        modalities = [modality] if isinstance(modality, str) else list(modality)
+        known = list_modalities()
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise UniPerceptionError(f"modality must name one or more distinct modalities, got {modality!r}")
+        for name in modalities:
+            if name not in known:
+                raise UniPerceptionError(f"unknown modality {name!r}; known modalities: {', '.join(known)}")
+        if task not in TASKS:
+            raise UniPerceptionError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "forecasting" and modalities != ["time_series"]:
+            raise UniPerceptionError(f"task='forecasting' needs modality='time_series' alone, got {modalities}")
+        if adapters is not None and adapter_config:
+            raise UniPerceptionError("give adapter settings either as keyword arguments (one modality) or as "
+                                     f"adapters={{modality: {{...}}}}, not both: {sorted(adapter_config)}")
+        if adapter_config and len(modalities) > 1:
+            raise UniPerceptionError(f"with several modalities give adapter settings as adapters={{modality: {{...}}}}"
+                                     f", got {sorted(adapter_config)}")
+        if adapters is None:
+            adapter_configs = {modalities[0]: dict(adapter_config)} if adapter_config else {}
+        elif isinstance(adapters, dict):
+            adapter_configs = _per_modality(adapters, modalities, "adapters")
+        else:
+            raise UniPerceptionError(f"adapters must be a dict keyed by modality, got {type(adapters).__name__}")
+        self.modalities, self.task, self.backbone_name = modalities, task, backbone
+        self.kernel_sizes, self.drop_path_rate, self.head_dropout = kernel_sizes, drop_path_rate, head_dropout
+
+        self.adapters = nn.ModuleDict()
+        for name in modalities:
+            config = dict(adapter_configs.get(name) or {})
+            if name == "time_series":
+                config.setdefault("task", "forecasting" if task == "forecasting" else "classification")
+            self.adapters[name] = create_adapter(name, **config)
+
+        names = _per_modality(class_names, modalities, "class_names")
+        counts = _per_modality(num_classes, modalities, "num_classes")
+        self.class_names: Dict[str, List[str]] = {}
+        if task == "classification":
+            for name in modalities:
+                given, count = names[name], counts[name]
+                if count is None and given is None:
+                    raise UniPerceptionError(f"classification needs num_classes or class_names for {name!r}")
+                if given is not None and count is not None and len(given) != count:
+                    raise UniPerceptionError(
+                        f"{name}: num_classes={count} but {len(given)} class_names were given"
+                    )
+                count = int(count if count is not None else len(given))
+                if count < 1:
+                    raise UniPerceptionError(f"{name}: num_classes must be at least 1, got {count}")
+                self.class_names[name] = [str(c) for c in given] if given is not None else [str(i) for i in
+                                                                                          range(count)]
+
+        self.backbone = self._build_backbone()
+        if len(modalities) > 1:
+            self._install_stems()
+        width = self.backbone.num_features
+        self.heads = nn.ModuleDict()
+        for name in modalities:
+            adapter = self.adapters[name]
+            if task == "classification":
+                self.heads[name] = ClassificationHead(width, len(self.class_names[name]), adapter.maps_per_sample,
+                                                      head_dropout)
+            elif task == "forecasting":
+                self.heads[name] = ForecastingHead(width, adapter.horizon, adapter.num_variables, adapter.num_nodes,
+                                                   head_dropout)
+            else:
+                self.heads[name] = EmbeddingHead(adapter.maps_per_sample)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # construction
+
+    @property
+    def is_unireplknet(self) -> bool:
+        return self.backbone_name.startswith("unireplknet")
+
+    def _build_backbone(self) -> nn.Module:
+        import backbones  # noqa: F401  (registers the UniRepLKNet variants with timm)
+
+        if not timm.is_model(self.backbone_name):
+            variants = [n for n in timm.list_models("unireplknet*")]
+            raise UniPerceptionError(
+                f"unknown backbone {self.backbone_name!r}; UniRepLKNet variants: {', '.join(variants)}; or any timm "
+                f"model name (timm.list_models())"
+            )
+        kwargs: Dict[str, Any] = dict(in_chans=self.adapters[self.modalities[0]].out_channels, num_classes=0)
+        if self.drop_path_rate:
+            kwargs["drop_path_rate"] = self.drop_path_rate
+        if self.kernel_sizes is not None:
+            if not self.is_unireplknet:
+                raise UniPerceptionError(f"kernel_sizes applies to UniRepLKNet backbones, not {self.backbone_name!r}")
+            kwargs["kernel_sizes"] = self._kernel_plan(self.kernel_sizes)
+        try:
+            return timm.create_model(self.backbone_name, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UniPerceptionError(f"cannot build backbone {self.backbone_name!r} with {kwargs}: {exc}") from exc
+
+    def _kernel_plan(self, kernel_sizes: Any) -> Any:
+        """One int means the last stage (e.g. the video recipe's 11); anything else goes to UniRepLKNet as given."""
+        if isinstance(kernel_sizes, int):
+            from backbones.unireplknet import default_kernel_sizes
+
+            plan = [list(stage) for stage in default_kernel_sizes(self._depths())]
+            plan[-1] = [kernel_sizes] * len(plan[-1])
+            return [tuple(stage) for stage in plan]
+        return kernel_sizes
+
+    def _depths(self) -> Sequence[int]:
+        with torch.device("meta"):
+            return timm.create_model(self.backbone_name, num_classes=0).depths
+
+    def _first_conv_path(self) -> str:
+        path = (getattr(self.backbone, "pretrained_cfg", None) or {}).get("first_conv")
+        if isinstance(path, (list, tuple)):
+            path = path[0]
+        if not path:
+            raise UniPerceptionError(f"backbone {self.backbone_name!r} does not name its first convolution "
+                                     "(pretrained_cfg['first_conv']), so it cannot take several modalities")
+        return path
+
+    def _install_stems(self) -> None:
+        path = self._first_conv_path()
+        template = self.backbone.get_submodule(path)
+        if not isinstance(template, nn.Conv2d):
+            raise UniPerceptionError(f"{self.backbone_name}: {path} is a {type(template).__name__}, not a Conv2d")
+        parent_path, _, leaf = path.rpartition(".")
+        parent = self.backbone.get_submodule(parent_path) if parent_path else self.backbone
+        stems = ModalityStems(template, {m: self.adapters[m].out_channels for m in self.modalities})
+        setattr(parent, leaf, stems)
+        self._stems = [stems]  # a plain list: not registered twice
+
+    @property
+    def stems(self) -> Optional[ModalityStems]:
+        """The per-modality first convolutions (several modalities), else None."""
+        return self._stems[0] if getattr(self, "_stems", None) else None
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # forward
+
+    def _modality(self, modality: Optional[str]) -> str:
+        if modality is None:
+            if len(self.modalities) == 1:
+                return self.modalities[0]
+            raise UniPerceptionError(f"this model has several modalities {self.modalities}: pass modality= or a dict "
+                                     "of batches keyed by modality")
+        if modality not in self.adapters:
+            raise UniPerceptionError(f"unknown modality {modality!r} for this model; it has {self.modalities}")
+        return modality
+
+    def features(self, batch: torch.Tensor, modality: Optional[str] = None):
+        """Pooled backbone features ``(B * maps_per_sample, C)`` of a preprocessed batch and the adapter's context."""
+        modality = self._modality(modality)
+        maps, context = self.adapters[modality].encode(batch)
+        if self.stems is not None:
+            self.stems.select(modality)
+            if hasattr(self.backbone, "check_input"):  # UniRepLKNet checks its input against the active stem
+                self.backbone.in_chans = self.stems.convs[modality].in_channels
+        return self.backbone(maps), context
+
+    def forward(self, batch: Union[torch.Tensor, Dict[str, torch.Tensor]], modality: Optional[str] = None):
+        """A preprocessed batch (``adapter.collate`` of ``adapter.prepare`` outputs) to logits ``(B, classes)``,
+        forecasts ``(B, T, D)`` or embeddings ``(B, C)``; a dict of batches keyed by modality gives a dict."""
+        if isinstance(batch, dict):
+            return {name: self.forward(value, modality=name) for name, value in batch.items()}
+        modality = self._modality(modality)
+        features, context = self.features(batch, modality)
+        return self.heads[modality](features, context)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # raw sources in, answers out
+
+    def _windows(self, adapter, source: Any):
+        """The samples one source contributes (several for a long audio clip or video) and its raw form."""
+        raw = adapter.load(source)
+        if hasattr(adapter, "windows") and self.task != "forecasting" and adapter.name in ("audio", "video"):
+            return list(adapter.windows(raw)), raw
+        return [adapter.preprocess(raw)], raw
+
+    def _run(self, sources: Any, modality: Optional[str], batch_size: int, what: str):
+        modality = self._modality(modality)
+        adapter = self.adapters[modality]
+        single = not isinstance(sources, (list, tuple))
+        items = [sources] if single else list(sources)
+        if batch_size < 1:
+            raise UniPerceptionError(f"batch_size must be positive, got {batch_size}")
+        samples, owners, raws = [], [], []
+        for index, source in enumerate(items):
+            windows, raw = self._windows(adapter, source)
+            samples.extend(windows)
+            owners.extend([index] * len(windows))
+            raws.append(raw)
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        outputs = []
+        try:
+            with torch.no_grad():
+                for begin in range(0, len(samples), batch_size):
+                    batch = adapter.collate(samples[begin:begin + batch_size]).to(device)
+                    if what == "embed":
+                        features, context = self.features(batch, modality)
+                        per_sample = context.get("maps_per_sample", 1)
+                        outputs.append(features.view(-1, per_sample, features.shape[-1]).mean(1).float().cpu())
+                    else:
+                        outputs.append(self.forward(batch, modality).float().cpu())
+        finally:
+            self.train(was_training)
+        stacked = torch.cat(outputs)
+        owners_tensor = torch.tensor(owners)
+        return modality, items, raws, [stacked[owners_tensor == i] for i in range(len(items))], single
+
+    def predict(self, sources: Any, modality: Optional[str] = None, batch_size: int = 16) -> Any:
+        """Answers for raw sources (paths, bytes, arrays, tensors; one or a list).
+
+        Classification: ``{"source", "label", "class_name", "probabilities", "windows"}`` per source, where long
+        audio clips and videos are split into windows (``adapter.windows``) whose probabilities are averaged.
+        Forecasting: ``{"source", "forecast" (T, D), "timestamps" (or None), "columns"}`` from the last ``length``
+        steps of each series. Embedding: ``{"source", "embedding" (C,)}``. One source gives one dict, a list a list.
+        """
+        from modalities.sources import describe_source
+
+        if self.task == "embedding":
+            modality, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
+            results = [{"source": describe_source(s), "embedding": p.mean(0)} for s, p in zip(items, pieces)]
+            return results[0] if single else results
+        modality, items, raws, pieces, single = self._run(sources, modality, batch_size, "predict")
+        adapter = self.adapters[modality]
+        results = []
+        for source, raw, piece in zip(items, raws, pieces):
+            entry: Dict[str, Any] = {"source": describe_source(source)}
+            if self.task == "forecasting":
+                entry.update(forecast=piece[0], timestamps=adapter.future_timestamps(raw), columns=list(raw.columns))
+            else:
+                probabilities = piece.softmax(dim=-1).mean(0)
+                label = int(probabilities.argmax())
+                entry.update(label=label, class_name=self.class_names[modality][label], probabilities=probabilities,
+                             windows=piece.shape[0])
+            results.append(entry)
+        return results[0] if single else results
+
+    def embed(self, sources: Any, modality: Optional[str] = None, batch_size: int = 16) -> torch.Tensor:
+        """Pooled backbone features of raw sources: ``(C,)`` for one source, ``(N, C)`` for a list (averaged over a
+        sample's maps and a long clip's windows)."""
+        _, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
+        vectors = torch.stack([p.mean(0) for p in pieces])
+        return vectors[0] if single else vectors
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # deploy form and export
+
+    @property
+    def deploy(self) -> bool:
+        return bool(getattr(self.backbone, "deploy", False))
+
+    def reparameterize(self) -> "UniPerceiver":
+        """The backbone's deploy form (UniRepLKNet: merged kernels, no BatchNorm), in place; returns ``self``."""
+        from timm.utils import reparameterize_model
+
+        if self.is_unireplknet:
+            self.backbone.reparameterize()
+        else:
+            reparameterize_model(self.backbone, inplace=True)
+        return self
+
+    def export_onnx(self, path: Union[str, os.PathLike], modality: Optional[str] = None, batch: Optional[
+            torch.Tensor] = None, opset: int = 18) -> Path:
+        """Write the model (adapter's learnable part, backbone, head) for preprocessed batches of ``modality`` to an
+        ONNX file, atomically; the batch dimension is dynamic. ``batch`` is an example input (default: two samples
+        of zeros shaped like the adapter's preprocessed samples)."""
+        modality = self._modality(modality)
+        path = Path(path)
+        if batch is None:
+            raise UniPerceptionError("export_onnx needs an example preprocessed batch (adapter.collate(...)), so the "
+                                     "exported graph has the input size you will use")
+        wrapper = _SingleModality(self, modality).eval()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            batch_dim = torch.export.Dim("batch", min=1, max=1024)
+            with torch.no_grad():
+                program = torch.onnx.export(wrapper, (batch,), dynamo=True, opset_version=opset,
+                                            dynamic_shapes=({0: batch_dim},), input_names=["batch"],
+                                            output_names=["output"])
+            program.save(temporary)
+            os.replace(temporary, path)
+        except Exception as exc:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            if isinstance(exc, UniPerceptionError):
+                raise
+            raise UniPerceptionError(f"{path}: ONNX export of the {modality} model failed: {exc}") from exc
+        return path
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # saving and loading
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """Everything :meth:`from_pretrained` needs to rebuild the model (JSON-serialisable)."""
+        from . import __version__
+
+        return {
+            "library": "uniperception",
+            "version": __version__,
+            "modalities": list(self.modalities),
+            "backbone": self.backbone_name,
+            "task": self.task,
+            "kernel_sizes": self.kernel_sizes,
+            "drop_path_rate": self.drop_path_rate,
+            "head_dropout": self.head_dropout,
+            "class_names": self.class_names,
+            "adapters": {m: self.adapters[m].config for m in self.modalities},
+            "deploy": self.deploy,
+        }
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``. The files are written into a hidden
+        sibling directory first and moved into place at the end, so a failed save leaves no half-written directory
+        (and an existing one intact)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+        try:
+            (staging / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+            save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            if directory.exists():
+                if not directory.is_dir():
+                    raise UniPerceptionError(f"{directory}: exists and is not a directory")
+                retired = directory.parent / f".{directory.name}.{os.getpid()}.old"
+                os.replace(directory, retired)
+                os.replace(staging, directory)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu"
+                        ) -> "UniPerceiver":
+        """Rebuild a model written by :meth:`save_pretrained` (train or deploy form) with identical outputs, in
+        evaluation mode (call ``.train()`` to fine-tune it)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for needed in (config_path, weights_path):
+            if not needed.is_file():
+                raise CheckpointError(f"{needed}: missing; {directory} is not a directory written by save_pretrained")
+        try:
+            config = json.loads(config_path.read_text())
+            if config.get("library") != "uniperception":
+                raise ValueError("not a uniperception configuration")
+            modalities, adapters = config["modalities"], config["adapters"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{config_path}: not a readable model configuration ({exc})") from exc
+        model = cls(
+            modality=modalities if len(modalities) > 1 else modalities[0], backbone=config["backbone"],
+            task=config["task"], class_names=config.get("class_names") or None,
+            kernel_sizes=config.get("kernel_sizes"), drop_path_rate=config.get("drop_path_rate", 0.0),
+            head_dropout=config.get("head_dropout", 0.0), adapters=adapters,
+        )
+        if config.get("deploy"):
+            model.reparameterize()
+        try:
+            state_dict = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights_path}: corrupt or truncated weights file ({exc})") from exc
+        model._load_exactly(state_dict, weights_path)
+        return model.to(map_location).eval()
+
+    def _load_exactly(self, state_dict: Dict[str, torch.Tensor], name: Any) -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            def preview(items):
+                return ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+
+            parts = [f"missing {preview(missing)}" if missing else "",
+                     f"unexpected {preview(unexpected)}" if unexpected else "",
+                     f"mis-shaped {preview(shapes)}" if shapes else ""]
+            raise CheckpointError(f"{name}: the weights belong to another configuration: "
+                                  + "; ".join(p for p in parts if p))
+        self.load_state_dict(state_dict, strict=True)
+
+    def load_backbone_weights(self, path: Union[str, os.PathLike], trusted: bool = False) -> "UniPerceiver":
+        """Load backbone weights from a checkpoint file (the official UniRepLKNet ``.pth`` files included): the first
+        convolution is adapted to each modality's channel count with timm's ``adapt_input_conv``, and the file's
+        classifier is dropped (the heads stay as they are). For a UniRepLKNet backbone the loading rules of
+        :func:`backbones.checkpoint.load_checkpoint` apply (wrappers, prefixes, train file into a deploy model)."""
+        from timm.models import adapt_input_conv
+
+        from backbones.checkpoint import load_checkpoint
+
+        state_dict = read_state_dict(path, trusted=trusted)
+        if self.is_unireplknet and self.stems is None:
+            load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
+            return self
+        # stems per modality, or another timm backbone: adapt the first conv, drop the classifier, load the rest
+        for prefix in ("model.", "module.", "backbone."):
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        first = self._first_conv_path()
+        classifier = (getattr(self.backbone, "pretrained_cfg", None) or {}).get("classifier", "head")
+        classifier = [classifier] if isinstance(classifier, str) else list(classifier)
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not any(k == c or k.startswith(c + ".") for c in classifier)}
+        own = self.backbone.state_dict()
+        for suffix in ("weight", "bias"):
+            key = f"{first}.{suffix}"
+            if key not in state_dict:
+                continue
+            tensor = state_dict.pop(key)
+            if self.stems is None:
+                want = own[key]
+                state_dict[key] = adapt_input_conv(want.shape[1], tensor.float()) if suffix == "weight" and \
+                    want.shape[1] != tensor.shape[1] else tensor
+            else:
+                for modality, conv in self.stems.convs.items():
+                    value = adapt_input_conv(conv.in_channels, tensor.float()) if suffix == "weight" else tensor
+                    state_dict[f"{first}.convs.{modality}.{suffix}"] = value
+        if self.is_unireplknet:
+            load_checkpoint(self.backbone, state_dict, strict=True, trusted=trusted, _name=str(path))
+        else:
+            missing, unexpected = self.backbone.load_state_dict(state_dict, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: does not fit {self.backbone_name}: missing {missing[:6]}, "
+                                      f"unexpected {unexpected[:6]}")
+        return self
+
+
+class _SingleModality(nn.Module):
+    """One modality of a :class:`UniPerceiver` as a plain ``batch -> output`` module (for export)."""
+
+    def __init__(self, model: UniPerceiver, modality: str):
+        super().__init__()
+        self.model, self.modality = model, modality
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch, modality=self.modality)
