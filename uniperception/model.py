@@ -341,12 +341,12 @@ class UniPerceiver(nn.Module):
 
         if self.task == "embedding":
             modality, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
-            results = [{"source": describe_source(s), "embedding": p.mean(0)} for s, p in zip(items, pieces)]
+            results = [{"source": describe_source(s), "embedding": p.mean(0)} for s, p in zip(items, pieces, strict=True)]
             return results[0] if single else results
         modality, items, raws, pieces, single = self._run(sources, modality, batch_size, "predict")
         adapter = self.adapters[modality]
         results = []
-        for source, raw, piece in zip(items, raws, pieces):
+        for source, raw, piece in zip(items, raws, pieces, strict=True):
             entry: Dict[str, Any] = {"source": describe_source(source)}
             if self.task == "forecasting":
                 entry.update(forecast=piece[0], timestamps=adapter.future_timestamps(raw), columns=list(raw.columns))
@@ -516,12 +516,15 @@ class UniPerceiver(nn.Module):
     def load_backbone_weights(self, path: Union[str, os.PathLike], trusted: bool = False) -> "UniPerceiver":
         """Load backbone weights from a checkpoint file (the official UniRepLKNet ``.pth`` files included): the first
         convolution is adapted to each modality's channel count with timm's ``adapt_input_conv``, and the file's
-        classifier is dropped (the heads stay as they are). For a UniRepLKNet backbone the loading rules of
+        classifier is dropped (the heads stay as they are). A bare file name that does not exist is looked up in
+        ``$UNIPERCEPTION_WEIGHTS`` (``backbones.unireplknet.weights_dir``). For a UniRepLKNet backbone the rules of
         :func:`backbones.checkpoint.load_checkpoint` apply (wrappers, prefixes, train file into a deploy model)."""
         from timm.models import adapt_input_conv
 
         from backbones.checkpoint import load_checkpoint
+        from backbones.unireplknet import resolve_weights_path
 
+        path = resolve_weights_path(path)  # a bare file name is looked up in the weights directory
         state_dict = read_state_dict(path, trusted=trusted)
         if self.is_unireplknet and self.stems is None:
             load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
