@@ -790,7 +790,8 @@ class PointCloudAdapter(ModalityAdapter):
             )
         if not batch.is_floating_point():
             raise InvalidInputError(f"point_cloud: expected floating-point points, got {batch.dtype}")
-        if not bool(torch.isfinite(batch).all()):
+        tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not tracing and not bool(torch.isfinite(batch).all()):  # a data-dependent check: eager mode only
             raise InvalidInputError("point_cloud: the batch holds NaN or infinite coordinates")
         return self.projection(batch)
 

@@ -174,7 +174,8 @@ class UniPerceiver(nn.Module):
         self.backbone = self._build_backbone()
         if len(modalities) > 1:
             self._install_stems()
-        width = self.backbone.num_features
+        # pooled features: a pre-logits layer (MobileNetV3, GhostNet) makes them head_hidden_size wide
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.heads = nn.ModuleDict()
         for name in modalities:
             adapter = self.adapters[name]
@@ -299,7 +300,10 @@ class UniPerceiver(nn.Module):
     def _run(self, sources: Any, modality: Optional[str], batch_size: int, what: str):
         modality = self._modality(modality)
         adapter = self.adapters[modality]
-        single = not isinstance(sources, (list, tuple))
+        # a list (or a tuple) holds several sources, except audio's (waveform, sample_rate) pair, which is one
+        pair = isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[1], int) \
+            and not isinstance(sources[1], bool)
+        single = pair or not isinstance(sources, (list, tuple))
         items = [sources] if single else list(sources)
         if batch_size < 1:
             raise UniPerceptionError(f"batch_size must be positive, got {batch_size}")
@@ -341,7 +345,8 @@ class UniPerceiver(nn.Module):
 
         if self.task == "embedding":
             modality, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
-            results = [{"source": describe_source(s), "embedding": p.mean(0)} for s, p in zip(items, pieces, strict=True)]
+            results = [{"source": describe_source(s), "embedding": p.mean(0)}
+                       for s, p in zip(items, pieces, strict=True)]
             return results[0] if single else results
         modality, items, raws, pieces, single = self._run(sources, modality, batch_size, "predict")
         adapter = self.adapters[modality]
@@ -370,7 +375,8 @@ class UniPerceiver(nn.Module):
 
     @property
     def deploy(self) -> bool:
-        return bool(getattr(self.backbone, "deploy", False))
+        """True once :meth:`reparameterize` has turned the backbone into its deploy form."""
+        return bool(getattr(self.backbone, "deploy", False) or getattr(self, "_reparameterized", False))
 
     def reparameterize(self) -> "UniPerceiver":
         """The backbone's deploy form (UniRepLKNet: merged kernels, no BatchNorm), in place; returns ``self``."""
@@ -380,18 +386,21 @@ class UniPerceiver(nn.Module):
             self.backbone.reparameterize()
         else:
             reparameterize_model(self.backbone, inplace=True)
+        self._reparameterized = True
         return self
 
     def export_onnx(self, path: Union[str, os.PathLike], modality: Optional[str] = None, batch: Optional[
             torch.Tensor] = None, opset: int = 18) -> Path:
         """Write the model (adapter's learnable part, backbone, head) for preprocessed batches of ``modality`` to an
-        ONNX file, atomically; the batch dimension is dynamic. ``batch`` is an example input (default: two samples
-        of zeros shaped like the adapter's preprocessed samples)."""
+        ONNX file, atomically; the batch dimension is dynamic. ``batch`` is an example preprocessed batch
+        (``adapter.collate(...)``) that fixes every other dimension of the input."""
         modality = self._modality(modality)
         path = Path(path)
         if batch is None:
             raise UniPerceptionError("export_onnx needs an example preprocessed batch (adapter.collate(...)), so the "
                                      "exported graph has the input size you will use")
+        if batch.shape[0] == 1:  # the exporter fixes a dimension of size 1: give it two samples to keep it dynamic
+            batch = torch.cat([batch, batch])
         wrapper = _SingleModality(self, modality).eval()
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
