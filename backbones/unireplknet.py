@@ -605,7 +605,7 @@ class UniRepLKNet(nn.Module):
                 f"UniRepLKNet expects a floating-point input, got {x.dtype}; convert it (e.g. x.float() / 255) and "
                 f"normalise it first"
             )
-        if x.shape[1] != self.in_chans:
+        if self.in_chans is not None and x.shape[1] != self.in_chans:  # None: the stem is chosen per call
             raise InputShapeError(
                 f"UniRepLKNet was built for {self.in_chans} input channel(s) but got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)}); build it with in_chans={x.shape[1]} or fix the input"

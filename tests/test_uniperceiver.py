@@ -136,7 +136,8 @@ def test_several_modalities_save_and_load(tmp_path):
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(UniPerceptionError, match="unknown modality 'smell'; known modalities: audio, image, "
+    # (other tests may register plugin modalities in this process)
+    with pytest.raises(UniPerceptionError, match="unknown modality 'smell'; known modalities: audio, .*image, "
                                                  "point_cloud, time_series, video"):
         UniPerceiver("smell", num_classes=2)
     with pytest.raises(UniPerceptionError, match="unknown backbone 'unireplknet_q'; UniRepLKNet variants: "
@@ -148,6 +149,9 @@ def test_unknown_names_list_the_known_ones():
         UniPerceiver("audio", task="forecasting")
     with pytest.raises(UniPerceptionError, match="num_classes or class_names"):
         UniPerceiver("image")
+    for names in ("cat", ["a", "a"]):
+        with pytest.raises(UniPerceptionError, match="class_names must be a list of distinct names"):
+            UniPerceiver("image", class_names=names)
     with pytest.raises(UniPerceptionError, match="num_classes=3 but 2 class_names"):
         UniPerceiver("image", num_classes=3, class_names=["a", "b"])
     with pytest.raises(UniPerceptionError, match="adapters="):
@@ -171,6 +175,11 @@ def test_weights_of_another_configuration_name_the_mismatch(tmp_path):
     UniPerceiver("image", num_classes=4, **IMAGE).save_pretrained(tmp_path / "four")
     UniPerceiver("image", num_classes=7, **IMAGE).save_pretrained(tmp_path / "seven")
     (tmp_path / "four" / "model.safetensors").replace(tmp_path / "seven" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="seven/model.safetensors: does not match"):
+        UniPerceiver.from_pretrained(tmp_path / "seven")  # the recorded checksum tells first
+    config = json.loads((tmp_path / "seven" / "config.json").read_text())
+    del config["weights_sha256"]  # without it, loading names the mismatch
+    (tmp_path / "seven" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model.safetensors: the weights belong to another configuration: "
                                               r"mis-shaped heads.image.fc.weight: file \(4, 320\) vs model \(7, 320\)"):
         UniPerceiver.from_pretrained(tmp_path / "seven")
@@ -212,3 +221,58 @@ def test_a_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # no staging directory left behind
     monkeypatch.undo()
     assert UniPerceiver.from_pretrained(tmp_path / "kept").heads["image"].fc.out_features == 2
+
+
+def test_saving_into_an_existing_directory_keeps_other_files_and_detects_a_half_finished_save(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("epoch 1\n")
+    UniPerceiver("image", num_classes=2, **IMAGE).save_pretrained(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "train.log"]
+    old_config = (run / "config.json").read_text()
+    UniPerceiver("image", num_classes=2, **IMAGE).save_pretrained(run)  # new weights, same shapes
+    (run / "config.json").write_text(old_config)  # as if the save stopped between its two renames
+    with pytest.raises(CheckpointError, match="model.safetensors: does not match .*config.json"):
+        UniPerceiver.from_pretrained(run)
+
+
+def test_several_modalities_in_deploy_form_take_official_and_one_channel_weights(tmp_path):
+    official = tmp_path / "official.pth"
+    torch.save(state_dict_from_reference("a", "train"), official)
+    both = two_modalities().reparameterize().load_backbone_weights(official)
+    assert both.deploy and torch.equal(both.stems.convs["image"].weight,
+                                       torch.load(official)["downsample_layers.0.0.weight"])
+    audio = UniPerceiver("audio", num_classes=2, **AUDIO)
+    one_channel = tmp_path / "audio_backbone.pth"
+    torch.save(audio.backbone.state_dict(), one_channel)
+    loaded = two_modalities().load_backbone_weights(one_channel)
+    stem = audio.backbone.downsample_layers[0][0].weight
+    assert torch.allclose(loaded.stems.convs["audio"].weight, stem, atol=1e-6)
+    assert torch.allclose(loaded.stems.convs["image"].weight, stem.expand(-1, 3, -1, -1) / 3, atol=1e-6)
+    with pytest.raises(CheckpointError, match="audio_backbone.pth: does not fit resnet18"):
+        UniPerceiver("image", backbone="resnet18", num_classes=2, **IMAGE).load_backbone_weights(one_channel)
+
+
+def test_predict_on_nothing_in_low_precision_and_modes_restored(tmp_path):
+    model = UniPerceiver("image", num_classes=2, **IMAGE)
+    assert model.predict([]) == [] and model.embed([]).shape == (0, 320)
+    photo = np.zeros((40, 40, 3), np.uint8)
+    assert model.to(torch.bfloat16).predict(photo)["probabilities"].dtype == torch.float32
+    model = model.float().train()
+    model.export_onnx(tmp_path / "m.onnx", batch=torch.randn(1, 3, 64, 64))
+    assert model.training  # export leaves the mode as it found it
+    model.predict(photo)
+    assert model.training
+
+
+def test_concurrent_calls_on_two_modalities_use_their_own_stems():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = two_modalities().eval()
+    batches = {"audio": torch.randn(1, 1, 128, 64), "image": torch.randn(1, 3, 64, 64)}
+    with torch.no_grad():
+        expected = {m: model(b, modality=m) for m, b in batches.items()}
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda m: (m, model(batches[m], modality=m)), ["audio", "image"] * 10))
+    for modality, output in results:
+        assert torch.allclose(output, expected[modality], atol=1e-6)

@@ -21,10 +21,14 @@ layer that depends on the number of input channels, is replaced by one convoluti
 
 from __future__ import annotations
 
+import contextvars
+import copy
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -44,6 +48,11 @@ __all__ = ["ModalityStems", "UniPerceiver", "CONFIG_NAME", "WEIGHTS_NAME"]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TASKS = ("classification", "forecasting", "embedding")
+# the modality whose stem the current forward pass uses: per thread (and per task), so concurrent calls on one
+# model with different modalities do not pick each other's stems
+_ACTIVE_STEM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("uniperception_stem", default=None)
+# predict and embed switch a model to evaluation mode for their duration: one at a time
+_PREDICT_LOCK = threading.RLock()
 
 
 class ModalityStems(nn.Module):
@@ -56,23 +65,28 @@ class ModalityStems(nn.Module):
 
         self.convs = nn.ModuleDict()
         for modality, in_chans in channels.items():
-            conv = nn.Conv2d(in_chans, template.out_channels, template.kernel_size, template.stride,
-                             template.padding, template.dilation, template.groups, template.bias is not None)
-            with torch.no_grad():  # start every stem from the template's filters, adapted to its channel count
-                conv.weight.copy_(adapt_input_conv(in_chans, template.weight.detach().clone(),
-                                                   base_chans=template.in_channels))
-                if template.bias is not None:
-                    conv.bias.copy_(template.bias.detach())
+            # a copy keeps what a Conv2d subclass adds (timm's Conv2dSame padding, StdConv2d standardisation)
+            conv = copy.deepcopy(template)
+            conv.in_channels = in_chans
+            weight = adapt_input_conv(in_chans, template.weight.detach().clone(), base_chans=template.in_channels)
+            conv.weight = nn.Parameter(weight.to(template.weight.dtype))
             self.convs[modality] = conv
         self.active = next(iter(channels))
 
-    def select(self, modality: str) -> None:
+    def select(self, modality: str) -> contextvars.Token:
+        """Use ``modality``'s convolution in this thread's next forward passes (returns the context token)."""
         if modality not in self.convs:
             raise UniPerceptionError(f"no stem for modality {modality!r}; stems: {sorted(self.convs)}")
-        self.active = modality
+        return _ACTIVE_STEM.set(modality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs[self.active](x)
+        modality = _ACTIVE_STEM.get() or self.active
+        conv = self.convs[modality]
+        if x.shape[1] != conv.in_channels:
+            raise UniPerceptionError(
+                f"the {modality} stem takes {conv.in_channels} channel(s), got an input of shape {tuple(x.shape)}"
+            )
+        return conv(x)
 
 
 def _per_modality(value: Any, modalities: Sequence[str], what: str) -> Dict[str, Any]:
@@ -159,6 +173,8 @@ class UniPerceiver(nn.Module):
         if task == "classification":
             for name in modalities:
                 given, count = names[name], counts[name]
+                if isinstance(given, str) or (given is not None and len(set(map(str, given))) != len(given)):
+                    raise UniPerceptionError(f"{name}: class_names must be a list of distinct names, got {given!r}")
                 if count is None and given is None:
                     raise UniPerceptionError(f"classification needs num_classes or class_names for {name!r}")
                 if given is not None and count is not None and len(given) != count:
@@ -248,6 +264,8 @@ class UniPerceiver(nn.Module):
         parent = self.backbone.get_submodule(parent_path) if parent_path else self.backbone
         stems = ModalityStems(template, {m: self.adapters[m].out_channels for m in self.modalities})
         setattr(parent, leaf, stems)
+        if hasattr(self.backbone, "check_input"):
+            self.backbone.in_chans = None  # UniRepLKNet: the channel count depends on the stem of each call
         self._stems = [stems]  # a plain list: not registered twice
 
     @property
@@ -272,11 +290,13 @@ class UniPerceiver(nn.Module):
         """Pooled backbone features ``(B * maps_per_sample, C)`` of a preprocessed batch and the adapter's context."""
         modality = self._modality(modality)
         maps, context = self.adapters[modality].encode(batch)
-        if self.stems is not None:
-            self.stems.select(modality)
-            if hasattr(self.backbone, "check_input"):  # UniRepLKNet checks its input against the active stem
-                self.backbone.in_chans = self.stems.convs[modality].in_channels
-        return self.backbone(maps), context
+        if self.stems is None:
+            return self.backbone(maps), context
+        token = self.stems.select(modality)
+        try:
+            return self.backbone(maps), context
+        finally:
+            _ACTIVE_STEM.reset(token)
 
     def forward(self, batch: Union[torch.Tensor, Dict[str, torch.Tensor]], modality: Optional[str] = None):
         """A preprocessed batch (``adapter.collate`` of ``adapter.prepare`` outputs) to logits ``(B, classes)``,
@@ -307,31 +327,43 @@ class UniPerceiver(nn.Module):
         items = [sources] if single else list(sources)
         if batch_size < 1:
             raise UniPerceptionError(f"batch_size must be positive, got {batch_size}")
+        if not items:
+            return modality, [], [], [], False
         samples, owners, raws = [], [], []
         for index, source in enumerate(items):
             windows, raw = self._windows(adapter, source)
             samples.extend(windows)
             owners.extend([index] * len(windows))
             raws.append(raw)
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
+        parameter = next(self.parameters())
         outputs = []
-        try:
-            with torch.no_grad():
-                for begin in range(0, len(samples), batch_size):
-                    batch = adapter.collate(samples[begin:begin + batch_size]).to(device)
-                    if what == "embed":
-                        features, context = self.features(batch, modality)
-                        per_sample = context.get("maps_per_sample", 1)
-                        outputs.append(features.view(-1, per_sample, features.shape[-1]).mean(1).float().cpu())
-                    else:
-                        outputs.append(self.forward(batch, modality).float().cpu())
-        finally:
-            self.train(was_training)
+        with _PREDICT_LOCK:
+            was_training = self.training
+            self.eval()
+            try:
+                outputs = self._batched(adapter, modality, samples, batch_size, what, parameter)
+            finally:
+                self.train(was_training)
         stacked = torch.cat(outputs)
         owners_tensor = torch.tensor(owners)
         return modality, items, raws, [stacked[owners_tensor == i] for i in range(len(items))], single
+
+    def _batched(self, adapter, modality: str, samples: List[torch.Tensor], batch_size: int, what: str,
+                 parameter: torch.Tensor) -> List[torch.Tensor]:
+        outputs = []
+        with torch.no_grad():
+            for begin in range(0, len(samples), batch_size):
+                batch = adapter.collate(samples[begin:begin + batch_size])
+                # to the model's device, and its precision when it was converted (a bfloat16 model takes bfloat16)
+                dtype = parameter.dtype if batch.is_floating_point() and parameter.is_floating_point() else None
+                batch = batch.to(parameter.device, dtype)
+                if what == "embed":
+                    features, context = self.features(batch, modality)
+                    per_sample = context.get("maps_per_sample", 1)
+                    outputs.append(features.view(-1, per_sample, features.shape[-1]).mean(1).float().cpu())
+                else:
+                    outputs.append(self.forward(batch, modality).float().cpu())
+        return outputs
 
     def predict(self, sources: Any, modality: Optional[str] = None, batch_size: int = 16) -> Any:
         """Answers for raw sources (paths, bytes, arrays, tensors; one or a list).
@@ -367,6 +399,9 @@ class UniPerceiver(nn.Module):
         """Pooled backbone features of raw sources: ``(C,)`` for one source, ``(N, C)`` for a list (averaged over a
         sample's maps and a long clip's windows)."""
         _, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
+        if not items:
+            width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+            return torch.empty(0, width)
         vectors = torch.stack([p.mean(0) for p in pieces])
         return vectors[0] if single else vectors
 
@@ -401,6 +436,7 @@ class UniPerceiver(nn.Module):
                                      "exported graph has the input size you will use")
         if batch.shape[0] == 1:  # the exporter fixes a dimension of size 1: give it two samples to keep it dynamic
             batch = torch.cat([batch, batch])
+        was_training = self.training
         wrapper = _SingleModality(self, modality).eval()
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -412,6 +448,7 @@ class UniPerceiver(nn.Module):
                                             dynamic_shapes=({0: batch_dim},), input_names=["batch"],
                                             output_names=["output"])
             program.save(temporary)
+            os.chmod(temporary, 0o666 & ~_umask())  # as an ordinary new file (mkstemp makes it owner-only)
             os.replace(temporary, path)
         except Exception as exc:
             if os.path.exists(temporary):
@@ -419,6 +456,8 @@ class UniPerceiver(nn.Module):
             if isinstance(exc, UniPerceptionError):
                 raise
             raise UniPerceptionError(f"{path}: ONNX export of the {modality} model failed: {exc}") from exc
+        finally:
+            self.train(was_training)
         return path
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -444,25 +483,32 @@ class UniPerceiver(nn.Module):
         }
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``. The files are written into a hidden
-        sibling directory first and moved into place at the end, so a failed save leaves no half-written directory
-        (and an existing one intact)."""
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed; other files in it are
+        left alone).
+
+        Both files are written to a hidden staging folder first. A new directory appears in one rename; in an existing
+        one the weights and then the configuration replace the old files, and the configuration records the weights'
+        SHA-256, so a save interrupted between the two renames leaves a pair that :meth:`from_pretrained` refuses
+        rather than one it would load with the wrong weights.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+        if directory.exists() and not directory.is_dir():
+            raise UniPerceptionError(f"{directory}: exists and is not a directory")
+        parent = directory.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.resolve().name}.", suffix=".partial", dir=parent))
         try:
-            (staging / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
             tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
             save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            config = dict(self.config, weights_sha256=_sha256(staging / WEIGHTS_NAME))
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            os.chmod(staging, 0o777 & ~_umask())  # as an ordinary new directory (mkdtemp makes it owner-only)
             if directory.exists():
-                if not directory.is_dir():
-                    raise UniPerceptionError(f"{directory}: exists and is not a directory")
-                retired = directory.parent / f".{directory.name}.{os.getpid()}.old"
-                os.replace(directory, retired)
-                os.replace(staging, directory)
-                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(staging / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+                os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
+                staging.rmdir()
             else:
                 os.replace(staging, directory)
         except BaseException:
@@ -502,6 +548,10 @@ class UniPerceiver(nn.Module):
             state_dict = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights_path}: corrupt or truncated weights file ({exc})") from exc
+        expected = config.get("weights_sha256")
+        if expected is not None and _sha256(weights_path) != expected:
+            raise CheckpointError(f"{weights_path}: does not match {config_path} (its SHA-256 differs from the one "
+                                  "recorded at saving: an interrupted save or a file copied from another model)")
         model._load_exactly(state_dict, weights_path)
         return model.to(map_location).eval()
 
@@ -535,40 +585,86 @@ class UniPerceiver(nn.Module):
 
         path = resolve_weights_path(path)  # a bare file name is looked up in the weights directory
         state_dict = read_state_dict(path, trusted=trusted)
-        if self.is_unireplknet and self.stems is None:
-            load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
+        if self.is_unireplknet:
+            if self.stems is None:
+                load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
+            else:
+                self._load_through_plain_stem(state_dict, path, trusted)
             return self
-        # stems per modality, or another timm backbone: adapt the first conv, drop the classifier, load the rest
+        # another timm backbone: strip wrappers, drop the classifier, adapt the first conv, load the rest
         for prefix in ("model.", "module.", "backbone."):
-            if all(k.startswith(prefix) for k in state_dict):
+            if state_dict and all(k.startswith(prefix) for k in state_dict):
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
         first = self._first_conv_path()
         classifier = (getattr(self.backbone, "pretrained_cfg", None) or {}).get("classifier", "head")
         classifier = [classifier] if isinstance(classifier, str) else list(classifier)
         state_dict = {k: v for k, v in state_dict.items()
                       if not any(k == c or k.startswith(c + ".") for c in classifier)}
-        own = self.backbone.state_dict()
         for suffix in ("weight", "bias"):
             key = f"{first}.{suffix}"
             if key not in state_dict:
                 continue
             tensor = state_dict.pop(key)
-            if self.stems is None:
-                want = own[key]
-                state_dict[key] = adapt_input_conv(want.shape[1], tensor.float()) if suffix == "weight" and \
-                    want.shape[1] != tensor.shape[1] else tensor
-            else:
-                for modality, conv in self.stems.convs.items():
-                    value = adapt_input_conv(conv.in_channels, tensor.float()) if suffix == "weight" else tensor
-                    state_dict[f"{first}.convs.{modality}.{suffix}"] = value
-        if self.is_unireplknet:
-            load_checkpoint(self.backbone, state_dict, strict=True, trusted=trusted, _name=str(path))
-        else:
+            targets = ({key: self.backbone.get_submodule(first)} if self.stems is None else
+                       {f"{first}.convs.{m}.{suffix}": conv for m, conv in self.stems.convs.items()})
+            for name, conv in targets.items():
+                name = name if self.stems is not None else key
+                if suffix == "weight" and conv.in_channels != tensor.shape[1]:
+                    state_dict[name] = adapt_input_conv(conv.in_channels, tensor.float(),
+                                                        base_chans=tensor.shape[1]).to(tensor.dtype)
+                else:
+                    state_dict[name] = tensor
+        try:
             missing, unexpected = self.backbone.load_state_dict(state_dict, strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"{path}: does not fit {self.backbone_name}: missing {missing[:6]}, "
-                                      f"unexpected {unexpected[:6]}")
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: does not fit {self.backbone_name}: {exc}") from None
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: does not fit {self.backbone_name}: missing {missing[:6]}, "
+                                  f"unexpected {unexpected[:6]}")
         return self
+
+    def _load_through_plain_stem(self, state_dict: Dict[str, torch.Tensor], path: Path, trusted: bool) -> None:
+        """UniRepLKNet with per-modality stems: load the file through an ordinary 3-channel first convolution (so
+        every rule of ``load_checkpoint`` applies, train file into a deploy model included), then give each modality
+        that convolution adapted to its channel count."""
+        from timm.models import adapt_input_conv
+
+        from backbones.checkpoint import load_checkpoint
+
+        stems, first = self.stems, self._first_conv_path()
+        parent_path, _, leaf = first.rpartition(".")
+        parent = self.backbone.get_submodule(parent_path) if parent_path else self.backbone
+        template = next(iter(stems.convs.values()))
+        plain = copy.deepcopy(template)
+        plain.in_channels = 3
+        plain.weight = nn.Parameter(template.weight.new_zeros(template.out_channels, 3, *template.kernel_size))
+        saved = (self.backbone.in_chans, self.backbone._arguments["in_chans"])
+        setattr(parent, leaf, plain)
+        self.backbone.in_chans = self.backbone._arguments["in_chans"] = 3
+        try:
+            load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
+        finally:
+            setattr(parent, leaf, stems)
+            self.backbone.in_chans, self.backbone._arguments["in_chans"] = saved
+        with torch.no_grad():
+            for conv in stems.convs.values():
+                conv.weight.copy_(adapt_input_conv(conv.in_channels, plain.weight.detach().float(), base_chans=3))
+                if conv.bias is not None and plain.bias is not None:
+                    conv.bias.copy_(plain.bias.detach())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _SingleModality(nn.Module):
