@@ -273,6 +273,12 @@ class UniPerceiver(nn.Module):
         """The per-modality first convolutions (several modalities), else None."""
         return self._stems[0] if getattr(self, "_stems", None) else None
 
+    def no_weight_decay(self) -> set:
+        """Parameter names exempt from weight decay (timm's optimizer factory reads this): the backbone's own list
+        (layer scales, GRN parameters) under ``backbone.``; timm also skips every 1-D parameter (norms, biases)."""
+        names = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in (names() if callable(names) else ())}
+
     # ---------------------------------------------------------------------------------------------------------------
     # forward
 

@@ -1,0 +1,417 @@
+"""Training and evaluation of a :class:`~uniperception.model.UniPerceiver`: resumable, deterministic on the CPU.
+
+The recipe is timm's: AdamW (weight decay skipping norms, biases, layer scales and GRN parameters), linear warmup and
+cosine decay per update, label smoothing, mixup where asked, EMA of the weights, gradient accumulation and clipping,
+automatic mixed precision (bfloat16 on CPU and GPU, float16 with loss scaling on GPU), optional gradient
+checkpointing.
+
+Checkpoints: at the end of every epoch ``last.pt`` (and ``best.pt`` when the validation metric improves) are written
+atomically (a temporary file renamed into place) with the model, optimizer, scheduler, EMA, loss scaler, the RNG
+states and the history, so a run killed at any moment (SIGKILL included) resumes from its last complete epoch with
+``resume=True``. Shuffling draws from a generator seeded by ``(seed, epoch)``, so on the CPU with ``num_workers=0``
+the resumed run's losses equal an uninterrupted run's.
+
+Unreadable samples are dropped from their batch with a warning and counted (``strict_data=True`` raises instead); a
+non-finite loss stops the run with :class:`TrainingError`, the last checkpoint intact; an output folder that cannot
+be written fails before training starts.
+
+Example::
+
+    from uniperception import UniPerceiver
+    from uniperception.data import FolderDataset
+    from uniperception.engine import Trainer, TrainConfig
+
+    model = UniPerceiver("image", num_classes=10, image_size=64)
+    train = FolderDataset("digits/train", model.adapters["image"], train=True)
+    val = FolderDataset("digits/val", model.adapters["image"])
+    history = Trainer(model, train, val, TrainConfig(epochs=5, batch_size=32, output="runs/digits")).fit()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from .errors import UniPerceptionError
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError"]
+
+
+class TrainingError(UniPerceptionError, RuntimeError):
+    """Training cannot go on (a non-finite loss, an unwritable output folder, a checkpoint that does not fit)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of a training run (every field can come from a YAML or JSON file through the CLI)."""
+
+    output: str = "runs/uniperception"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: Optional[float] = None
+    accumulation_steps: int = 1
+    clip_grad: Optional[float] = None
+    amp: Optional[str] = None  # None, "bf16" or "fp16"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    resume: bool = False
+    strict_data: bool = False
+    progress: Optional[bool] = None  # None: a progress bar only on a terminal
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
+            raise UniPerceptionError("epochs, batch_size and accumulation_steps must be at least 1")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise UniPerceptionError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if not 0 <= self.label_smoothing < 1 or self.mixup < 0 or self.cutmix < 0:
+            raise UniPerceptionError("label_smoothing must be in [0, 1) and mixup, cutmix non-negative")
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Counting:
+    """A collate function that drops unreadable (None) items and counts them."""
+
+    def __init__(self, adapter):
+        self.adapter, self.dropped = adapter, 0
+
+    def __call__(self, items):
+        kept = [item for item in items if item is not None]
+        dropped = len(items) - len(kept)
+        if not kept:
+            return None, dropped
+        samples, targets = zip(*kept, strict=True)
+        targets = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets)
+        return (self.adapter.collate(list(samples)), targets), dropped
+
+
+class Trainer:
+    """Fit a single-modality :class:`UniPerceiver` on ``train_data`` and evaluate on ``val_data``.
+
+    Datasets yield ``(sample, label)`` (classification) or ``(window, target)`` (forecasting), as the datasets of
+    :mod:`uniperception.data` do; ``None`` items (unreadable samples) are skipped.
+    """
+
+    def __init__(self, model, train_data: Dataset, val_data: Optional[Dataset] = None,
+                 config: Optional[TrainConfig] = None):
+        self.config = config or TrainConfig()
+        if len(model.modalities) != 1:
+            raise UniPerceptionError("Trainer trains one modality at a time; this model has "
+                                     f"{model.modalities}")
+        self.model, self.train_data, self.val_data = model, train_data, val_data
+        self.modality = model.modalities[0]
+        self.adapter = model.adapters[self.modality]
+        self.task = model.task
+        if self.task == "embedding":
+            raise UniPerceptionError("an embedding model has no loss to train; build it for classification")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.config.device == "auto"
+                                   else self.config.device)
+        if self.config.amp == "fp16" and self.device.type != "cuda":
+            raise UniPerceptionError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+        self.output = Path(self.config.output)
+        self.history: List[Dict[str, Any]] = []
+        self.skipped = 0
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # set-up
+
+    def _check_output(self) -> None:
+        try:
+            self.output.mkdir(parents=True, exist_ok=True)
+            probe = self.output / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise TrainingError(f"{self.output}: cannot write the output folder ({exc.strerror or exc})") from None
+
+    def _build(self, steps_per_epoch: int) -> None:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+        from timm.utils import ModelEmaV3
+
+        config = self.config
+        self.model.to(self.device)
+        if config.grad_checkpointing and hasattr(self.model.backbone, "set_grad_checkpointing"):
+            self.model.backbone.set_grad_checkpointing(True)
+        self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=config.lr,
+                                             weight_decay=config.weight_decay, filter_bias_and_bn=True)
+        self.updates_per_epoch = max(1, math.ceil(steps_per_epoch / config.accumulation_steps))
+        total = config.epochs * self.updates_per_epoch
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=total, lr_min=config.min_lr, warmup_t=round(config.warmup_epochs *
+                                                                                 self.updates_per_epoch),
+            warmup_lr_init=config.lr * 1e-3, warmup_prefix=True, t_in_epochs=False,
+        )
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
+        self.num_updates = 0
+        self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+        self.mixup = None
+        if self.task == "classification" and (config.mixup > 0 or config.cutmix > 0):
+            classes = len(self.model.class_names[self.modality])
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                               label_smoothing=config.label_smoothing, num_classes=classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif self.task == "classification":
+            self.criterion = (LabelSmoothingCrossEntropy(config.label_smoothing) if config.label_smoothing > 0
+                              else torch.nn.CrossEntropyLoss())
+        else:
+            self.criterion = torch.nn.MSELoss()
+
+    def _loader(self, data: Dataset, shuffle: bool, epoch: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+        sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
+        self._collate = _Counting(self.adapter)
+        return DataLoader(data, batch_size=self.config.batch_size, sampler=sampler,
+                          num_workers=self.config.num_workers, collate_fn=self._collate,
+                          worker_init_fn=_seed_worker, generator=generator)
+
+    def _autocast(self):
+        if self.config.amp is None:
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _state(self, epoch: int, best: Optional[float]) -> Dict[str, Any]:
+        return {
+            "epoch": epoch, "best": best, "history": self.history, "skipped": self.skipped,
+            "num_updates": self.num_updates,
+            "model": self.model.state_dict(), "model_config": self.model.config,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": _rng_state(), "config": dataclasses.asdict(self.config),
+        }
+
+    def _resume(self) -> tuple:
+        path = self.output / "last.pt"
+        if not (self.config.resume and path.is_file()):
+            return 0, None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:  # an unreadable checkpoint must not be silently replaced by a fresh run
+            raise TrainingError(f"{path}: cannot resume from this checkpoint ({exc})") from exc
+        if state.get("model_config", {}).get("modalities") != self.model.config["modalities"]:
+            raise TrainingError(f"{path}: the checkpoint belongs to another model configuration")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.history, self.skipped = list(state["history"]), int(state.get("skipped", 0))
+        self.num_updates = int(state["num_updates"])
+        return int(state["epoch"]) + 1, state["best"]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # the loops
+
+    def fit(self) -> List[Dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (continuing a saved run with ``resume=True``); returns the history: one
+        dict per epoch with ``train_loss``, ``lr``, ``skipped`` and the validation metrics."""
+        self._check_output()
+        torch.manual_seed(self.config.seed)
+        random.seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        steps = len(self._loader(self.train_data, True, 0))
+        if steps == 0:
+            raise UniPerceptionError("the training set is empty")
+        self._build(steps)
+        start, best = self._resume()
+        for epoch in range(start, self.config.epochs):
+            record = {"epoch": epoch, **self._train_epoch(epoch)}
+            metrics = None
+            if self.val_data is not None:
+                metrics = self.evaluate(self.val_data, use_ema=self.ema is not None)
+                record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            self.history.append(record)
+            score = self._score(record)
+            improved = score is not None and (best is None or score < best)
+            if improved:
+                best = score
+            _atomic_save(self._state(epoch, best), self.output / "last.pt")
+            if improved:
+                _atomic_save(self._state(epoch, best), self.output / "best.pt")
+            self._write_history(metrics)
+        return self.history
+
+    def _score(self, record: Dict[str, Any]) -> Optional[float]:
+        """Lower is better: negative top-1 for classification, MAE for forecasting, else the validation loss."""
+        if "val_top1" in record:
+            return -record["val_top1"]
+        if "val_mae" in record:
+            return record["val_mae"]
+        return record.get("val_loss")
+
+    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
+        self.model.train()
+        loader = self._loader(self.train_data, True, epoch)
+        accumulation = self.config.accumulation_steps
+        total_loss, seen, skipped = 0.0, 0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
+                   disable=(not self.config.progress) if self.config.progress is not None else None, leave=False)
+        for step, (batch, dropped) in enumerate(bar):
+            skipped += dropped
+            if dropped and self.config.strict_data:
+                raise TrainingError(f"{dropped} unreadable sample(s) in epoch {epoch + 1} (strict_data)")
+            if batch is None:
+                continue
+            inputs, targets = (t.to(self.device) for t in batch)
+            if self.mixup is not None and inputs.shape[0] % 2 == 0:
+                inputs, targets = self.mixup(inputs, targets)
+            elif self.mixup is not None:  # timm's mixup needs an even batch: use hard labels for this one
+                targets = F.one_hot(targets, len(self.model.class_names[self.modality])).float()
+            with self._autocast():
+                outputs = self.model(inputs)
+                loss = self.criterion(outputs.float(), targets.float() if self.task == "forecasting" or
+                                      targets.is_floating_point() else targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; training stopped with "
+                    f"the last checkpoint ({self.output / 'last.pt'}) intact. Lower the learning rate, enable "
+                    "gradient clipping or check the data for NaN/Inf"
+                )
+            scaled = loss / accumulation
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            last_step = step + 1 == len(loader)
+            if (step + 1) % accumulation == 0 or last_step:
+                self._update()
+            total_loss += loss.item() * inputs.shape[0]
+            seen += inputs.shape[0]
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        if skipped:
+            warnings.warn(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s)", RuntimeWarning, stacklevel=2)
+        self.skipped += skipped
+        return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "skipped": skipped}
+
+    def _update(self) -> None:
+        if self.config.clip_grad:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        self.scheduler.step_update(num_updates=self.num_updates)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.num_updates)
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset, use_ema: bool = False) -> Dict[str, Any]:
+        """Loss and metrics on ``data``: top-1, top-5, macro accuracy and the confusion matrix for classification;
+        MSE, MAE and MASE against a seasonal-naive forecast for forecasting."""
+        from .metrics import ClassificationMetrics, ForecastMetrics
+
+        model = self.ema.module if use_ema and getattr(self, "ema", None) is not None else self.model
+        was_training = model.training
+        model.eval().to(self.device)
+        if self.task == "classification":
+            metrics = ClassificationMetrics(len(self.model.class_names[self.modality]),
+                                            self.model.class_names[self.modality])
+        else:
+            metrics = ForecastMetrics(season=1)
+        try:
+            for batch, _ in self._loader(data, False, 0):
+                if batch is None:
+                    continue
+                inputs, targets = (t.to(self.device) for t in batch)
+                with self._autocast():
+                    outputs = model(inputs).float()
+                if self.task == "classification":
+                    metrics.update(outputs.cpu(), targets.cpu(), loss=F.cross_entropy(outputs, targets).item())
+                else:
+                    history = inputs[..., : targets.shape[-1]]
+                    metrics.update(outputs.cpu(), targets.float().cpu(), history.float().cpu())
+        finally:
+            model.train(was_training)
+        result = metrics.compute()
+        if self.task == "forecasting" and "loss" not in result:
+            result["loss"] = result["mse"]
+        return result
+
+    def _write_history(self, metrics: Optional[Dict[str, Any]]) -> None:
+        """metrics.csv and history.json (every epoch), the latest validation metrics as JSON, and PNG plots of the
+        training curves and (classification) the confusion matrix."""
+        import pandas as pd
+
+        from .metrics import plot_confusion_matrix, plot_training_curves, write_metrics_json
+
+        plot_training_curves(self.history, self.output / "curves.png")
+        if metrics is not None:
+            write_metrics_json(self.output / "val_metrics.json", dict(metrics, epoch=self.history[-1]["epoch"]))
+            if "confusion_matrix" in metrics:
+                plot_confusion_matrix(metrics["confusion_matrix"], self.model.class_names[self.modality],
+                                      self.output / "confusion_matrix.png")
+
+        for name, text in (("metrics.csv", pd.DataFrame(self.history).to_csv(index=False)),
+                           ("history.json", json.dumps(self.history, indent=1, default=float))):
+            handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.output)
+            with os.fdopen(handle, "w") as stream:
+                stream.write(text)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, self.output / name)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
