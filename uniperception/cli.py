@@ -1,8 +1,15 @@
 """Command-line interface: ``uniperception <command> [options]``.
 
 Commands:
+  train   train a model on files from disk (class folders, a CSV manifest, or a series to forecast) and save it
+  eval    evaluate a saved model on a dataset: accuracy and confusion matrix, or MSE/MAE/MASE, as JSON and PNG
+  predict answers of a saved model for files
+  export  a saved model in deploy form (re-parameterised), as a model folder or as ONNX
   info    build a backbone (optionally loading a checkpoint), re-parameterise it, check that both forms agree, and
           print parameter counts, FLOPs and measured CPU/GPU throughput of both forms.
+
+Every option of train, eval, predict and export can also come from a YAML or JSON file (``--config run.yaml``, keys
+named like the options, ``batch_size`` or ``batch-size``); options on the command line win.
 
 Run ``uniperception <command> --help`` for the options of each command.
 """
@@ -15,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -132,12 +140,307 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# train, eval, predict, export
+
+
+def _read_config_file(path: Optional[str]) -> dict:
+    from .errors import UniPerceptionError
+
+    if not path:
+        return {}
+    try:
+        import yaml
+
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)  # YAML is a superset of JSON
+    except FileNotFoundError:
+        raise UniPerceptionError(f"{path}: no such configuration file") from None
+    except yaml.YAMLError as exc:
+        raise UniPerceptionError(f"{path}: not a readable YAML or JSON file ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise UniPerceptionError(f"{path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _merged(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Options from ``--config`` where the command line left them at their default."""
+    from .errors import UniPerceptionError
+
+    values = _read_config_file(getattr(args, "config", None))
+    known = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UniPerceptionError(f"{args.config}: unknown options {unknown}; run uniperception {args.command} --help")
+    for key, value in values.items():
+        if getattr(args, key) == known[key].default:
+            setattr(args, key, value)
+    return args
+
+
+def _adapter_settings(pairs) -> dict:
+    """``key=value`` pairs (values read as YAML: numbers, booleans, lists) or a mapping from a config file."""
+    import yaml
+
+    from .errors import UniPerceptionError
+
+    if isinstance(pairs, dict):
+        return dict(pairs)
+    settings = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UniPerceptionError(f"--adapter takes key=value, got {pair!r}")
+        settings[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return settings
+
+
+def _dataset(args: argparse.Namespace, adapter, split: Optional[str], train: bool):
+    from .data import FolderDataset, ForecastingDataset, ManifestDataset
+    from .errors import UniPerceptionError
+
+    if getattr(args, "series", None):
+        return ForecastingDataset(args.series, adapter, split=split or "train", stride=args.stride, train=train)
+    if getattr(args, "manifest", None):
+        return ManifestDataset(args.manifest, adapter, split=split, train=train, strict=args.strict_data)
+    folder = args.data if split in (None, "train") or not getattr(args, "val_data", None) else args.val_data
+    if not folder:
+        raise UniPerceptionError("give the data: --data FOLDER (class folders), --manifest CSV or --series FILE")
+    return FolderDataset(folder, adapter, train=train, strict=args.strict_data)
+
+
+def _manifest_columns(path: str) -> List[str]:
+    import pandas as pd
+
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
+    except Exception:  # the dataset reports an unreadable manifest with its own message
+        return []
+
+
+def _manifest_splits(path: str) -> set:
+    import pandas as pd
+
+    return set(pd.read_csv(path, usecols=["split"], dtype=str)["split"])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import TrainConfig, Trainer
+    from .model import UniPerceiver
+
+    args = _merged(args, args.parser)
+    torch.manual_seed(args.seed)
+    task = "forecasting" if args.series else "classification"
+    adapter_settings = _adapter_settings(args.adapter)
+    # class names come from the training data: a first pass with a throw-away adapter
+    from modalities import create_adapter
+
+    probe_settings = dict(adapter_settings)
+    if args.modality == "time_series":
+        probe_settings.setdefault("task", task)
+    probe = create_adapter(args.modality, **probe_settings)
+    names = None
+    splits = bool(args.manifest) and "split" in _manifest_columns(args.manifest)
+    if task == "classification":
+        names = _dataset(args, probe, "train" if splits else None, False).class_names
+    model = UniPerceiver(args.modality, backbone=args.backbone, task=task, class_names=names,
+                         kernel_sizes=args.kernel_sizes, drop_path_rate=args.drop_path, **adapter_settings)
+    if args.weights:
+        model.load_backbone_weights(args.weights)
+    adapter = model.adapters[args.modality]
+    train = _dataset(args, adapter, "train" if splits or args.series else None, True)
+    val = None
+    if args.series or (splits and "val" in _manifest_splits(args.manifest)) or args.val_data:
+        val = _dataset(args, adapter, "val", False)
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    history = Trainer(model, train, val, config).fit()
+    best = Path(config.output) / ("best.pt" if (Path(config.output) / "best.pt").is_file() else "last.pt")
+    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
+    saved = model.save_pretrained(Path(config.output) / "model")
+    last = history[-1]
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+    print(f"trained {len(history)} epoch(s): {summary}; model saved to {saved} (weights of {best.name})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import TrainConfig, Trainer
+    from .metrics import plot_confusion_matrix, write_metrics_json
+    from .model import UniPerceiver
+
+    args = _merged(args, args.parser)
+    model = UniPerceiver.from_pretrained(args.model)
+    modality = model.modalities[0]
+    data = _dataset(args, model.adapters[modality], args.split, False)
+    output = Path(args.output)
+    config = TrainConfig(output=str(output), batch_size=args.batch_size, progress=False, device=args.device,
+                         num_workers=args.num_workers, strict_data=args.strict_data)
+    metrics = Trainer(model, data, None, config).evaluate(data)
+    output.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(output / "metrics.json", metrics)
+    if "confusion_matrix" in metrics:
+        plot_confusion_matrix(metrics["confusion_matrix"], model.class_names[modality], output / "confusion_matrix.png")
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    print(json.dumps(shown, indent=2, default=str))
+    print(f"metrics written to {output / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .model import UniPerceiver
+
+    args = _merged(args, args.parser)
+    model = UniPerceiver.from_pretrained(args.model)
+    results = model.predict(list(args.files), batch_size=args.batch_size)
+    rows = []
+    for result in results:
+        row = {"source": result["source"]}
+        if "class_name" in result:
+            top = result["probabilities"].topk(min(args.top, result["probabilities"].numel()))
+            row.update(label=result["class_name"], probability=round(float(top.values[0]), 4),
+                       top=[(model.class_names[model.modalities[0]][i], round(float(p), 4))
+                            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
+        elif "forecast" in result:
+            stamps = result["timestamps"]
+            row.update(columns=result["columns"], forecast=result["forecast"].tolist(),
+                       timestamps=[str(t) for t in stamps] if stamps is not None else None)
+        else:
+            row.update(embedding=result["embedding"].tolist())
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            if "label" in row:
+                print(f"{row['source']}: {row['label']} ({row['probability']:.3f})")
+            else:
+                print(json.dumps(row))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import UniPerceptionError
+    from .model import UniPerceiver
+
+    args = _merged(args, args.parser)
+    model = UniPerceiver.from_pretrained(args.model).reparameterize()
+    target = Path(args.output)
+    if args.format == "folder":
+        model.save_pretrained(target)
+        print(f"deploy form saved to {target}")
+        return 0
+    if not args.example:
+        raise UniPerceptionError("ONNX export needs --example FILE: a raw file that fixes the input size")
+    modality = model.modalities[0]
+    adapter = model.adapters[modality]
+    batch = adapter.collate([adapter.prepare(args.example)])
+    model.export_onnx(target, modality=modality, batch=batch)
+    print(f"ONNX model written to {target} (input 'batch' {tuple(batch.shape[1:])} per sample, batch dynamic)")
+    return 0
+
+
+def _data_options(parser: argparse.ArgumentParser, split_default: Optional[str]) -> None:
+    data = parser.add_argument_group("data (one of --data, --manifest, --series)")
+    data.add_argument("--data", help="folder with one subfolder per class")
+    data.add_argument("--manifest", help="CSV file with columns path,label[,split] (paths relative to it)")
+    data.add_argument("--series", help="CSV or Parquet series to forecast (time-ordered train/val/test split)")
+    data.add_argument("--split", default=split_default, help="split of a manifest or series to use")
+    data.add_argument("--stride", type=int, default=1, help="steps between forecasting windows")
+    data.add_argument("--strict-data", action="store_true", help="stop on an unreadable sample instead of skipping")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def _add_run_commands(sub) -> None:
+    from .engine import TrainConfig
+
+    defaults = TrainConfig()
+    train = sub.add_parser(
+        "train", help="train a model on files from disk",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train UniRepLKNet (or any timm backbone) on one modality: image, audio or video files in class "
+        "folders or a CSV manifest, point clouds, or a time series to forecast. The trained model is saved to "
+        "OUTPUT/model (config.json + model.safetensors) with the best validation weights; checkpoints, "
+        "metrics.csv and plots go to OUTPUT. Example: uniperception train --modality audio --data speech/train "
+        "--val-data speech/val --epochs 20 --output runs/speech",
+    )
+    train.add_argument("--config", help="YAML or JSON file with any of these options")
+    train.add_argument("--modality", default="image", help="image, audio, video, point_cloud or time_series")
+    train.add_argument("--backbone", default="unireplknet_a", help="UniRepLKNet variant or any timm model")
+    train.add_argument("--kernel-sizes", type=int, default=None, help="kernel size of the last stage (e.g. 11)")
+    train.add_argument("--weights", default=None, help="backbone weights to start from (official .pth files too)")
+    train.add_argument("--adapter", action="append", metavar="KEY=VALUE",
+                       help="adapter setting, repeatable, e.g. --adapter image_size=64")
+    _data_options(train, None)
+    train.add_argument("--val-data", help="validation folder (with --data)")
+    run = train.add_argument_group("training")
+    run.add_argument("--output", default=defaults.output, help="folder for checkpoints, metrics and the model")
+    run.add_argument("--epochs", type=int, default=defaults.epochs)
+    run.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of AdamW")
+    run.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
+    run.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    run.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    run.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    run.add_argument("--mixup", type=float, default=defaults.mixup, help="mixup alpha (0 disables)")
+    run.add_argument("--cutmix", type=float, default=defaults.cutmix, help="cutmix alpha (0 disables)")
+    run.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the backbone")
+    run.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
+    run.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps)
+    run.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    run.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision")
+    run.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks to save memory")
+    run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    train.set_defaults(func=cmd_train, parser=train)
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a saved model",
+        description="Accuracy (top-1, top-5, macro) and confusion matrix, or MSE/MAE/MASE for forecasts, written to "
+        "OUTPUT/metrics.json (and confusion_matrix.png). Example: uniperception eval --model runs/speech/model "
+        "--data speech/test",
+    )
+    evaluate.add_argument("--config", help="YAML or JSON file with any of these options")
+    evaluate.add_argument("--model", required=True, help="folder written by train or save_pretrained")
+    _data_options(evaluate, "test")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--output", default="evaluation", help="folder for metrics.json and plots")
+    evaluate.set_defaults(func=cmd_eval, parser=evaluate)
+
+    predict = sub.add_parser("predict", help="answers of a saved model for files",
+                             description="Example: uniperception predict --model runs/speech/model yes.wav no.flac")
+    predict.add_argument("files", nargs="+", help="files to answer for")
+    predict.add_argument("--config", help="YAML or JSON file with any of these options")
+    predict.add_argument("--model", required=True, help="folder written by train or save_pretrained")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--top", type=int, default=3, help="classes listed per file (with --json)")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(func=cmd_predict, parser=predict)
+
+    export = sub.add_parser(
+        "export", help="a saved model in deploy form, as a folder or ONNX",
+        description="Re-parameterise a saved model and write it as a model folder (--format folder) or an ONNX file "
+        "(--format onnx, with --example FILE fixing the input size). Example: uniperception export --model "
+        "runs/speech/model --format onnx --example yes.wav --output speech.onnx",
+    )
+    export.add_argument("--config", help="YAML or JSON file with any of these options")
+    export.add_argument("--model", required=True, help="folder written by train or save_pretrained")
+    export.add_argument("--format", choices=["folder", "onnx"], default="folder")
+    export.add_argument("--example", help="a raw file of the modality (ONNX only)")
+    export.add_argument("--output", required=True, help="target folder or .onnx file")
+    export.set_defaults(func=cmd_export, parser=export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uniperception",
         description="UniRepLKNet for images, audio, video, point clouds and time series.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: uniperception info --model unireplknet_a --image-size 224",
+        epilog="Examples:\n  uniperception train --modality image --data photos/train --val-data photos/val "
+        "--epochs 10 --output runs/photos\n  uniperception predict --model runs/photos/model cat.jpg\n"
+        "  uniperception info --model unireplknet_a --image-size 224",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
@@ -159,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default="cpu", help="cpu or cuda")
     info.add_argument("--json", action="store_true", help="print the results as JSON")
     info.set_defaults(func=cmd_info)
+    _add_run_commands(sub)
     return parser
 
 

@@ -210,7 +210,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
         sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
         self._collate = _Counting(self.adapter)
-        return DataLoader(data, batch_size=self.config.batch_size, sampler=sampler,
+        # a last training batch of one sample would give BatchNorm a single value per channel: leave it out
+        drop_last = shuffle and len(data) > self.config.batch_size and len(data) % self.config.batch_size == 1
+        return DataLoader(data, batch_size=self.config.batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.config.num_workers, collate_fn=self._collate,
                           worker_init_fn=_seed_worker, generator=generator)
 
