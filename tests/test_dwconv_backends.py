@@ -373,6 +373,22 @@ def test_autocast_decides_and_computes_in_the_autocast_dtype():
         assert depthwise_conv2d(x.double(), w.double(), backend="fft").dtype == torch.float64
 
 
+def test_autocast_with_an_input_already_in_bfloat16_and_a_float32_weight():
+    """Inside a network under autocast, the layer before hands over a bfloat16 input while the layer's own weight
+    and bias stay float32: every backend must cast them, as F.conv2d does (forward and backward)."""
+    x = torch.randn(2, 3, 12, 12).bfloat16().requires_grad_(True)
+    w, b = torch.randn(3, 1, 7, 7, requires_grad=True), torch.randn(3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.conv2d(x, w, b, padding=3, groups=3)
+        for backend in ("torch", "torch_channels_last", "fft", "direct_fft_weight_grad"):
+            y = depthwise_conv2d(x, w, b, backend=backend)
+            assert y.dtype == torch.bfloat16, backend
+            assert torch.allclose(y.float(), expected.float(), rtol=3e-2, atol=3e-2), backend
+            y.float().sum().backward()
+            assert w.grad is not None and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32, backend
+            w.grad = b.grad = x.grad = None
+
+
 @pytest.mark.parametrize("weight_shape, message", [((3, 1, 4, 4), "odd K"), ((2, 1, 3, 3), r"weight \(3, 1, K, K\)"),
                                                    ((3, 3, 3), "weight")])
 def test_the_functional_op_refuses_bad_weights(weight_shape, message):

@@ -178,3 +178,14 @@ def test_forecasting_run_reports_mae_and_mase(tmp_path):
     history = Trainer(model, train, val, config).fit()
     assert {"val_mse", "val_mae", "val_mase"} <= set(history[0])
     assert np.isfinite(history[0]["val_mae"])
+
+
+@pytest.mark.slow
+def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
+    data = write_two_classes(tmp_path / "data", per_class=3)
+    model, train, val, config = image_setup(data, epochs=1, amp="bf16", grad_checkpointing=True)
+    history = Trainer(model, train, val, config).fit()
+    assert np.isfinite(history[0]["train_loss"]) and np.isfinite(history[0]["val_loss"])
+    assert model.backbone.grad_checkpointing
+    with pytest.raises(Exception, match="amp='fp16' needs a CUDA device"):
+        Trainer(model, train, val, TrainConfig(amp="fp16", device="cpu", output=str(tmp_path / "x")))

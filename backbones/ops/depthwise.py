@@ -273,10 +273,10 @@ def depthwise_conv2d(
     chosen = _BACKENDS[name]
     device_type = x.device.type
     dtype = _effective_dtype(x)
-    if dtype != x.dtype:
-        # what F.conv2d does under autocast: compute in the autocast dtype
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    # what F.conv2d does under autocast: compute in the autocast dtype. The input may already be in it (the layer
+    # before ran under autocast too) while the weight is float32: cast every operand, not only the input
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     try:
         with torch.autocast(device_type, enabled=False):
             return chosen.fn(x, weight, bias)
