@@ -32,9 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -46,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from tqdm.auto import tqdm
 
 from .errors import UniPerceptionError
+from .files import atomic_write
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError"]
 
@@ -90,15 +89,7 @@ class TrainConfig:
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write(path, lambda temporary: torch.save(payload, temporary))
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -406,11 +397,7 @@ class Trainer:
 
         for name, text in (("metrics.csv", pd.DataFrame(self.history).to_csv(index=False)),
                            ("history.json", json.dumps(self.history, indent=1, default=float))):
-            handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.output)
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, self.output / name)
+            atomic_write(self.output / name, lambda temporary, text=text: Path(temporary).write_text(text))
 
 
 def _seed_worker(worker_id: int) -> None:

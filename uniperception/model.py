@@ -41,6 +41,7 @@ from backbones.errors import CheckpointError
 from modalities import create_adapter, list_modalities
 
 from .errors import UniPerceptionError
+from .files import atomic_write, umask
 from .heads import ClassificationHead, EmbeddingHead, ForecastingHead
 
 __all__ = ["ModalityStems", "UniPerceiver", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -444,21 +445,14 @@ class UniPerceiver(nn.Module):
             batch = torch.cat([batch, batch])
         was_training = self.training
         wrapper = _SingleModality(self, modality).eval()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
         try:
             batch_dim = torch.export.Dim("batch", min=1, max=1024)
             with torch.no_grad():
                 program = torch.onnx.export(wrapper, (batch,), dynamo=True, opset_version=opset,
                                             dynamic_shapes=({0: batch_dim},), input_names=["batch"],
                                             output_names=["output"])
-            program.save(temporary)
-            os.chmod(temporary, 0o666 & ~_umask())  # as an ordinary new file (mkstemp makes it owner-only)
-            os.replace(temporary, path)
+            atomic_write(path, program.save)
         except Exception as exc:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
             if isinstance(exc, UniPerceptionError):
                 raise
             raise UniPerceptionError(f"{path}: ONNX export of the {modality} model failed: {exc}") from exc
@@ -510,7 +504,7 @@ class UniPerceiver(nn.Module):
             save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             config = dict(self.config, weights_sha256=_sha256(staging / WEIGHTS_NAME))
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            os.chmod(staging, 0o777 & ~_umask())  # as an ordinary new directory (mkdtemp makes it owner-only)
+            os.chmod(staging, 0o777 & ~umask())  # as an ordinary new directory (mkdtemp makes it owner-only)
             if directory.exists():
                 os.replace(staging / WEIGHTS_NAME, directory / WEIGHTS_NAME)
                 os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
@@ -665,12 +659,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _SingleModality(nn.Module):
