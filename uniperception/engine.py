@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from .data import collate_skipping
 from .errors import UniPerceptionError
 from .files import atomic_write
 
@@ -108,19 +109,13 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 class _Counting:
-    """A collate function that drops unreadable (None) items and counts them."""
+    """:func:`~uniperception.data.collate_skipping`, and how many unreadable (None) items it dropped."""
 
     def __init__(self, adapter):
-        self.adapter, self.dropped = adapter, 0
+        self.collate = collate_skipping(adapter)
 
     def __call__(self, items):
-        kept = [item for item in items if item is not None]
-        dropped = len(items) - len(kept)
-        if not kept:
-            return None, dropped
-        samples, targets = zip(*kept, strict=True)
-        targets = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets)
-        return (self.adapter.collate(list(samples)), targets), dropped
+        return self.collate(items), sum(item is None for item in items)
 
 
 class Trainer:
@@ -200,11 +195,10 @@ class Trainer:
     def _loader(self, data: Dataset, shuffle: bool, epoch: int) -> DataLoader:
         generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
         sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
-        self._collate = _Counting(self.adapter)
         # a last training batch of one sample would give BatchNorm a single value per channel: leave it out
         drop_last = shuffle and len(data) > self.config.batch_size and len(data) % self.config.batch_size == 1
         return DataLoader(data, batch_size=self.config.batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=self.config.num_workers, collate_fn=self._collate,
+                          num_workers=self.config.num_workers, collate_fn=_Counting(self.adapter),
                           worker_init_fn=_seed_worker, generator=generator)
 
     def _autocast(self):
