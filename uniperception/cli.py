@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -229,6 +231,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import UniPerceiver
 
     args = _merged(args, args.parser)
+    if int(os.environ.get("RANK", "0")) != 0:
+        warnings.simplefilter("ignore")  # under torchrun, rank 0 alone reports
     torch.manual_seed(args.seed)
     task = "forecasting" if args.series else "classification"
     adapter_settings = _adapter_settings(args.adapter)
@@ -255,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     history = Trainer(model, train, val, config).fit()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 alone saves the model and reports
     best = Path(config.output) / ("best.pt" if (Path(config.output) / "best.pt").is_file() else "last.pt")
     model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
     saved = model.save_pretrained(Path(config.output) / "model")
@@ -362,7 +368,8 @@ def _add_run_commands(sub) -> None:
         "folders or a CSV manifest, point clouds, or a time series to forecast. The trained model is saved to "
         "OUTPUT/model (config.json + model.safetensors) with the best validation weights; checkpoints, "
         "metrics.csv and plots go to OUTPUT. Example: uniperception train --modality audio --data speech/train "
-        "--val-data speech/val --epochs 20 --output runs/speech",
+        "--val-data speech/val --epochs 20 --output runs/speech. On several processes or GPUs: torchrun "
+        "--nproc_per_node=N -m uniperception train ... (--batch-size is per process).",
     )
     train.add_argument("--config", help="YAML or JSON file with any of these options")
     train.add_argument("--modality", default="image", help="image, audio, video, point_cloud or time_series")
@@ -393,6 +400,10 @@ def _add_run_commands(sub) -> None:
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun, BatchNorm statistics over the global batch (CPU and GPU)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard event files to OUTPUT/tensorboard (needs the tensorboard package)")
     train.set_defaults(func=cmd_train, parser=train)
 
     evaluate = sub.add_parser(

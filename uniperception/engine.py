@@ -15,6 +15,16 @@ Unreadable samples are dropped from their batch with a warning and counted (``st
 non-finite loss stops the run with :class:`TrainingError`, the last checkpoint intact; an output folder that cannot
 be written fails before training starts.
 
+Launched by ``torchrun --nproc_per_node=N`` the same code trains with DistributedDataParallel (see
+:mod:`uniperception.distributed`): every process draws its share of each epoch's shuffled order, ``batch_size`` is
+per process, ``sync_bn`` synchronises BatchNorm (on the CPU too), validation is split across processes and gathered,
+and only rank 0 shows progress and writes checkpoints, metrics and plots. The shuffled order is the same as one
+process's, so N processes with batch B see the batches one process sees with batch N*B.
+
+Metrics go to ``metrics.csv`` and ``history.json`` every epoch, and with ``tensorboard=True`` also to TensorBoard
+event files in ``OUTPUT/tensorboard`` (the loss and learning rate of every update, every epoch's metrics; needs the
+``tensorboard`` package).
+
 Example::
 
     from uniperception import UniPerceiver
@@ -29,9 +39,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import warnings
 from pathlib import Path
@@ -40,9 +52,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import collate_skipping
 from .errors import UniPerceptionError
 from .files import atomic_write
@@ -79,6 +92,8 @@ class TrainConfig:
     resume: bool = False
     strict_data: bool = False
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
+    sync_bn: bool = False  # synchronise BatchNorm statistics across torchrun processes
+    tensorboard: bool = False  # also write TensorBoard event files to OUTPUT/tensorboard
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
@@ -137,25 +152,39 @@ class Trainer:
         self.task = model.task
         if self.task == "embedding":
             raise UniPerceptionError("an embedding model has no loss to train; build it for classification")
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.config.device == "auto"
-                                   else self.config.device)
+        self.device = _device(self.config.device)
         if self.config.amp == "fp16" and self.device.type != "cuda":
             raise UniPerceptionError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
         self.output = Path(self.config.output)
         self.history: List[Dict[str, Any]] = []
         self.skipped = 0
+        self.dist = distributed.DistributedState()
+        self.net = model  # what the training loop calls: the model, or its DistributedDataParallel wrapper
+        self.writer = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # set-up
 
     def _check_output(self) -> None:
-        try:
-            self.output.mkdir(parents=True, exist_ok=True)
-            probe = self.output / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise TrainingError(f"{self.output}: cannot write the output folder ({exc.strerror or exc})") from None
+        problem = None
+        if self.dist.is_main:
+            try:
+                self.output.mkdir(parents=True, exist_ok=True)
+                probe = self.output / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as exc:
+                problem = f"{self.output}: cannot write the output folder ({exc.strerror or exc})"
+            if problem is None and self.config.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    problem = "tensorboard=True needs the tensorboard package: pip install tensorboard"
+                else:
+                    self.writer = SummaryWriter(str(self.output / "tensorboard"))
+        problem = self.dist.broadcast(problem)
+        if problem is not None:
+            raise TrainingError(problem)
 
     def _build(self, steps_per_epoch: int) -> None:
         from timm.data import Mixup
@@ -168,6 +197,19 @@ class Trainer:
         self.model.to(self.device)
         if config.grad_checkpointing and hasattr(self.model.backbone, "set_grad_checkpointing"):
             self.model.backbone.set_grad_checkpointing(True)
+        if self.dist.enabled:
+            if config.sync_bn:
+                distributed.convert_sync_batchnorm(self.model, self.device)
+            from torch.nn.parallel import DistributedDataParallel
+
+            # oneDNN returns the weight gradient of a channels-last convolution in channels-last strides; DDP then
+            # copies it into its bucket with a strided copy (a few kilobytes per layer) and says so once per process
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # every parameter of a single-modality UniPerceiver takes part in each forward pass
+                find_unused_parameters=False,
+            )
         self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=config.lr,
                                              weight_decay=config.weight_decay, filter_bias_and_bn=True)
         self.updates_per_epoch = max(1, math.ceil(steps_per_epoch / config.accumulation_steps))
@@ -193,10 +235,19 @@ class Trainer:
             self.criterion = torch.nn.MSELoss()
 
     def _loader(self, data: Dataset, shuffle: bool, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
-        sampler = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch * 101 + self.dist.rank)
+        if shuffle:
+            # the same permutation in every process (seeded by seed and epoch), each taking every world_size-th
+            # index: N processes with batch B together see what one process sees with batch N*B
+            sampler = DistributedSampler(data, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                         seed=self.config.seed)
+            sampler.set_epoch(epoch)
+            share = len(sampler)
+        else:
+            sampler = distributed.shard(len(data), self.dist)
+            share = len(sampler)
         # a last training batch of one sample would give BatchNorm a single value per channel: leave it out
-        drop_last = shuffle and len(data) > self.config.batch_size and len(data) % self.config.batch_size == 1
+        drop_last = shuffle and share > self.config.batch_size and share % self.config.batch_size == 1
         return DataLoader(data, batch_size=self.config.batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.config.num_workers, collate_fn=_Counting(self.adapter),
                           worker_init_fn=_seed_worker, generator=generator)
@@ -218,7 +269,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": _rng_state(), "config": dataclasses.asdict(self.config),
+            "rng": self._rngs[0], "rng_per_rank": self._rngs, "world_size": self.dist.world_size,
+            "config": dataclasses.asdict(self.config),
         }
 
     def _resume(self) -> tuple:
@@ -238,7 +290,12 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) == self.dist.world_size:
+            _set_rng_state(per_rank[self.dist.rank])
+        elif self.dist.is_main:
+            warnings.warn(f"{path} was written by {len(per_rank)} process(es), this run has {self.dist.world_size}: "
+                          "random augmentation will not repeat the interrupted run's", RuntimeWarning, stacklevel=3)
         self.history, self.skipped = list(state["history"]), int(state.get("skipped", 0))
         self.num_updates = int(state["num_updates"])
         return int(state["epoch"]) + 1, state["best"]
@@ -249,17 +306,39 @@ class Trainer:
     def fit(self) -> List[Dict[str, Any]]:
         """Train for ``config.epochs`` epochs (continuing a saved run with ``resume=True``); returns the history: one
         dict per epoch with ``train_loss``, ``lr``, ``skipped`` and the validation metrics."""
+        self.dist = distributed.setup(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        try:
+            self._fit()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            distributed.revert_sync_batchnorm(self.model)
+            if getattr(self, "ema", None) is not None:
+                distributed.revert_sync_batchnorm(self.ema.module)
+            self.net = self.model
+        self.dist.close()  # only after success: a failed process must not wait for the others at a barrier
+        self.dist = distributed.DistributedState()
+        return self.history
+
+    def _fit(self) -> None:
         self._check_output()
-        torch.manual_seed(self.config.seed)
-        random.seed(self.config.seed)
-        np.random.seed(self.config.seed)
+        seed = self.config.seed + self.dist.rank  # each process draws its own augmentation
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
         steps = len(self._loader(self.train_data, True, 0))
-        if steps == 0:
-            raise UniPerceptionError("the training set is empty")
+        if not self.dist.all_true(steps > 0):
+            raise UniPerceptionError("the training set is empty" if not self.dist.enabled else
+                                     "the training set is empty or smaller than the number of processes")
         self._build(steps)
         start, best = self._resume()
         for epoch in range(start, self.config.epochs):
             record = {"epoch": epoch, **self._train_epoch(epoch)}
+            self.dist.broadcast_buffers(self.model)  # BatchNorm statistics as rank 0 has them, in every process
+            if self.ema is not None:
+                self.dist.broadcast_buffers(self.ema.module)
             metrics = None
             if self.val_data is not None:
                 metrics = self.evaluate(self.val_data, use_ema=self.ema is not None)
@@ -269,11 +348,13 @@ class Trainer:
             improved = score is not None and (best is None or score < best)
             if improved:
                 best = score
-            _atomic_save(self._state(epoch, best), self.output / "last.pt")
-            if improved:
-                _atomic_save(self._state(epoch, best), self.output / "best.pt")
-            self._write_history(metrics)
-        return self.history
+            self._rngs = self.dist.gather(_rng_state())
+            if self.dist.is_main:
+                _atomic_save(self._state(epoch, best), self.output / "last.pt")
+                if improved:
+                    _atomic_save(self._state(epoch, best), self.output / "best.pt")
+                self._write_history(metrics)
+            self.dist.barrier()  # no process runs ahead of the checkpoint it would resume from
 
     def _score(self, record: Dict[str, Any]) -> Optional[float]:
         """Lower is better: negative top-1 for classification, MAE for forecasting, else the validation loss."""
@@ -289,8 +370,9 @@ class Trainer:
         accumulation = self.config.accumulation_steps
         total_loss, seen, skipped = 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
-                   disable=(not self.config.progress) if self.config.progress is not None else None, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False,
+                   disable=True if not self.dist.is_main else
+                   (not self.config.progress) if self.config.progress is not None else None)
         for step, (batch, dropped) in enumerate(bar):
             skipped += dropped
             if dropped and self.config.strict_data:
@@ -302,25 +384,34 @@ class Trainer:
                 inputs, targets = self.mixup(inputs, targets)
             elif self.mixup is not None:  # timm's mixup needs an even batch: use hard labels for this one
                 targets = F.one_hot(targets, len(self.model.class_names[self.modality])).float()
-            with self._autocast():
-                outputs = self.model(inputs)
-                loss = self.criterion(outputs.float(), targets.float() if self.task == "forecasting" or
-                                      targets.is_floating_point() else targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; training stopped with "
-                    f"the last checkpoint ({self.output / 'last.pt'}) intact. Lower the learning rate, enable "
-                    "gradient clipping or check the data for NaN/Inf"
-                )
-            scaled = loss / accumulation
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            last_step = step + 1 == len(loader)
-            if (step + 1) % accumulation == 0 or last_step:
+            update = (step + 1) % accumulation == 0 or step + 1 == len(loader)
+            # between updates, DDP need not all-reduce the gradients it only accumulates
+            sync = contextlib.nullcontext() if update or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                with self._autocast():
+                    outputs = self.net(inputs)
+                    loss = self.criterion(outputs.float(), targets.float() if self.task == "forecasting" or
+                                          targets.is_floating_point() else targets)
+                if not self.dist.all_true(bool(torch.isfinite(loss))):
+                    where = "" if not self.dist.enabled else f" (in at least one of {self.dist.world_size} processes)"
+                    raise TrainingError(
+                        f"the loss became {loss.item()}{where} in epoch {epoch + 1}, step {step + 1}; training "
+                        f"stopped with the last checkpoint ({self.output / 'last.pt'}) intact. Lower the learning "
+                        "rate, enable gradient clipping or check the data for NaN/Inf"
+                    )
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            if update:
                 self._update()
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", loss.item(), self.num_updates)
+                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.num_updates)
             total_loss += loss.item() * inputs.shape[0]
             seen += inputs.shape[0]
             bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        if skipped:
+        total_loss, seen, skipped = self.dist.all_sum([total_loss, seen, skipped])
+        skipped = int(skipped)
+        if skipped and self.dist.is_main:
             warnings.warn(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s)", RuntimeWarning, stacklevel=2)
         self.skipped += skipped
         return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
@@ -356,6 +447,7 @@ class Trainer:
                                             self.model.class_names[self.modality])
         else:
             metrics = ForecastMetrics(season=1)
+        batches = []  # this process's share; in a process group every share is gathered before the metrics
         try:
             for batch, _ in self._loader(data, False, 0):
                 if batch is None:
@@ -364,12 +456,18 @@ class Trainer:
                 with self._autocast():
                     outputs = model(inputs).float()
                 if self.task == "classification":
-                    metrics.update(outputs.cpu(), targets.cpu(), loss=F.cross_entropy(outputs, targets).item())
+                    batches.append((outputs.cpu(), targets.cpu(), F.cross_entropy(outputs, targets).item()))
                 else:
                     history = inputs[..., : targets.shape[-1]]
-                    metrics.update(outputs.cpu(), targets.float().cpu(), history.float().cpu())
+                    batches.append((outputs.cpu(), targets.float().cpu(), history.float().cpu()))
         finally:
             model.train(was_training)
+        for share in self.dist.gather(batches):
+            for outputs, targets, extra in share:
+                if self.task == "classification":
+                    metrics.update(outputs, targets, loss=extra)
+                else:
+                    metrics.update(outputs, targets, extra)
         result = metrics.compute()
         if self.task == "forecasting" and "loss" not in result:
             result["loss"] = result["mse"]
@@ -383,6 +481,12 @@ class Trainer:
         from .metrics import plot_confusion_matrix, plot_training_curves, write_metrics_json
 
         plot_training_curves(self.history, self.output / "curves.png")
+        if self.writer is not None:
+            record = self.history[-1]
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"epoch/{key}", value, record["epoch"] + 1)
+            self.writer.flush()
         if metrics is not None:
             write_metrics_json(self.output / "val_metrics.json", dict(metrics, epoch=self.history[-1]["epoch"]))
             if "confusion_matrix" in metrics:
@@ -392,6 +496,16 @@ class Trainer:
         for name, text in (("metrics.csv", pd.DataFrame(self.history).to_csv(index=False)),
                            ("history.json", json.dumps(self.history, indent=1, default=float))):
             atomic_write(self.output / name, lambda temporary, text=text: Path(temporary).write_text(text))
+
+
+def _device(request: str) -> torch.device:
+    """``auto``: the GPU when there is one (the local rank's under torchrun), else the CPU."""
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(request)
+    if device.type == "cuda" and device.index is None and distributed.launched_by_torchrun():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def _seed_worker(worker_id: int) -> None:
