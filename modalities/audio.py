@@ -173,6 +173,12 @@ class AudioAdapter(ModalityAdapter):
         banks = (banks - self.mean) / (2 * self.std)
         return (banks.t() if self.layout == "freq_time" else banks).unsqueeze(0).contiguous()
 
+    def example(self, seed: int = 0) -> tuple:
+        """``(wave, sample_rate)``: quiet noise lasting exactly ``target_frames`` frames (10 ms hop, 25 ms window)."""
+        samples = round((self.target_frames * 0.010 + 0.015) * self.sample_rate)
+        wave = 0.1 * np.random.default_rng(seed).standard_normal(samples).astype(np.float32)
+        return wave, self.sample_rate
+
     def preprocess(self, raw: Raw) -> torch.Tensor:
         """``(waveform, rate)`` -> ``(1, F, T)`` (or ``(1, T, F)``) float32 map of the first ``target_frames``.
 

@@ -29,6 +29,7 @@ fork.
 
 from __future__ import annotations
 
+import inspect
 import json
 from importlib import metadata
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Type
@@ -83,6 +84,11 @@ class ModalityAdapter(nn.Module):
 
     def load(self, source: Any) -> Any:
         raise NotImplementedError
+
+    def example(self, seed: int = 0) -> Any:
+        """A synthetic raw input (random content of the configured size) that :meth:`prepare` accepts: for timing
+        and for fixing an export's input size when no real file is at hand."""
+        raise NotImplementedError(f"{type(self).__name__} has no synthetic example; give a real file instead")
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -168,4 +174,12 @@ def create_adapter(name: str, **config: Any) -> ModalityAdapter:
         raise ModalityError(
             f"unknown modality {name!r}; registered modalities: {', '.join(sorted(_REGISTRY)) or 'none'}"
         ) from None
+    accepted = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(config) - set(accepted))
+        if unknown:
+            raise ModalityError(
+                f"{name}: unknown setting(s) {', '.join(map(repr, unknown))}; the {name} adapter takes "
+                f"{', '.join(accepted) or 'no settings'}"
+            )
     return cls(**config)

@@ -130,7 +130,8 @@ class ImageAdapter(ModalityAdapter):
             resize = [T.Resize((image_size, image_size), interpolation=mode, antialias=True)]
         else:
             fraction = 0.875 if crop_pct is None else crop_pct
-            resize = [T.Resize(int(image_size / fraction), interpolation=mode, antialias=True), T.CenterCrop(image_size)]
+            resize = [T.Resize(int(image_size / fraction), interpolation=mode, antialias=True),
+                      T.CenterCrop(image_size)]
         self.eval_transform = T.Compose(
             [T.PILToTensor(), *resize, T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
         )
@@ -181,6 +182,11 @@ class ImageAdapter(ModalityAdapter):
                 f"{name}: not a readable image ({type(exc).__name__}: {exc}); expected JPEG, PNG, WebP, BMP, TIFF "
                 f"or GIF"
             ) from exc
+
+    def example(self, seed: int = 0) -> np.ndarray:
+        """A random RGB image ``(H, W, 3)`` uint8, a little larger than ``image_size`` (resize and crop still run)."""
+        side = round(self.config["image_size"] * 8 / 7)
+        return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
         """RGB image -> ``(3, S, S)`` float32, normalised (eval transform)."""

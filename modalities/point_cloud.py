@@ -732,6 +732,16 @@ class PointCloudAdapter(ModalityAdapter):
             result = result[keep[: self.max_points].sort().values]
         return result
 
+    def example(self, seed: int = 0) -> np.ndarray:
+        """Points on a unit sphere ``(2 * num_points, C)`` float32 with, when asked, colours in [0, 1] and the unit
+        normals."""
+        rng = np.random.default_rng(seed)
+        xyz = rng.standard_normal((2 * self.num_points, 3))
+        xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
+        columns = [xyz] + [rng.uniform(0, 1, xyz.shape) if feature == "colors" else xyz
+                           for feature in self.point_features]
+        return np.concatenate(columns, axis=1).astype(np.float32)
+
     def preprocess(self, raw: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` -> float32 ``(num_points, C)``: voxel thinning of huge clouds, centring on the centroid and
         scaling into the unit sphere (in float64), then farthest-point sampling."""

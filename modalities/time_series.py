@@ -626,6 +626,16 @@ class TimeSeriesAdapter(ModalityAdapter):
         """Values and time features, ``(L, D + 6)`` float64."""
         return np.concatenate([raw.values, time_features(raw.timestamps, len(raw))], axis=1)
 
+    def example(self, seed: int = 0) -> pd.DataFrame:
+        """``length`` hourly steps of ``num_variables`` random walks with a daily cycle, timestamped."""
+        rng = np.random.default_rng(seed)
+        steps = np.arange(self.length)[:, None]
+        values = np.cumsum(rng.standard_normal((self.length, self.num_variables)), axis=0) \
+            + 3 * np.sin(2 * np.pi * steps / 24)
+        frame = pd.DataFrame(values, columns=[f"x{i}" for i in range(self.num_variables)])
+        frame.insert(0, "timestamp", pd.date_range("2024-01-01", periods=self.length, freq="h"))
+        return frame
+
     def preprocess(self, raw: TimeSeries) -> torch.Tensor:
         """``TimeSeries`` -> ``(length, D + 6)`` float32: the values, then the six time features. Forecasting: the
         last ``length`` steps (the input of a forecast of what follows). Classification: ``length`` steps by

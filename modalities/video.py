@@ -67,9 +67,9 @@ def frame_indices(length: int, num_frames: int, sampling_rate: int, method: str,
         edges = np.linspace(0, length, num_frames + 1)
         if train:
             picks = torch.rand(num_frames, generator=generator).numpy()
-            indices = [int(lo + p * max(hi - lo, 1e-9)) for lo, hi, p in zip(edges[:-1], edges[1:], picks)]
+            indices = [int(lo + p * max(hi - lo, 1e-9)) for lo, hi, p in zip(edges[:-1], edges[1:], picks, strict=True)]
         else:
-            indices = [int((lo + hi) / 2) for lo, hi in zip(edges[:-1], edges[1:])]
+            indices = [int((lo + hi) / 2) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
         return [min(i, length - 1) for i in indices]
     span = (num_frames - 1) * sampling_rate + 1
     if span <= length:
@@ -256,6 +256,12 @@ class VideoAdapter(ModalityAdapter):
         # grid: (3, g, g, S, S) -> (3, g*S, g*S) with tiles in raster order
         tiles = clip.reshape(channels, g, g, size, size)
         return tiles.permute(0, 1, 3, 2, 4).reshape(channels, g * size, g * size)
+
+    def example(self, seed: int = 0) -> np.ndarray:
+        """Random frames ``(T, H, W, 3)`` uint8, as many as the sampling reads, a little larger than ``image_size``."""
+        frames = self.num_frames * (self.sampling_rate if self.sampling == "rate" else 1)
+        side = round(self.image_size * 8 / 7)
+        return np.random.default_rng(seed).integers(0, 256, (frames, side, side, 3), dtype=np.uint8)
 
     def preprocess(self, raw: VideoClip) -> torch.Tensor:
         """Evaluation: centred sampling, resize and centre crop, normalise, lay out."""

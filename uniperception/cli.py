@@ -7,9 +7,11 @@ Commands:
   export  a saved model in deploy form (re-parameterised), as a model folder or as ONNX
   info    build a backbone (optionally loading a checkpoint), re-parameterise it, check that both forms agree, and
           print parameter counts, FLOPs and measured CPU/GPU throughput of both forms.
+  bench   time preprocessing, inference (train and deploy form) and a training step of a model on one
+          modality
 
-Every option of train, eval, predict and export can also come from a YAML or JSON file (``--config run.yaml``, keys
-named like the options, ``batch_size`` or ``batch-size``); options on the command line win.
+Every option of train, eval, predict, export and bench can also come from a YAML or JSON file (``--config
+run.yaml``, keys named like the options, ``batch_size`` or ``batch-size``); options on the command line win.
 
 Run ``uniperception <command> --help`` for the options of each command.
 """
@@ -41,25 +43,34 @@ def _forward_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # with autograd on: the counter hooks every tensor that requires grad, which inference mode would leave without
+    # a graph (a forecasting head receives the adapter's affine parameters)
+    with counter:
         model(example)
     return counter.get_total_flops()
+
+
+def _median_seconds(fn, min_time: float, warmup: int = 2, cuda: bool = False) -> float:
+    """Median wall time of ``fn()`` over at least three repeats lasting at least ``min_time`` seconds together."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times: List[float] = []
+    started = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - started < min_time:
+        tick = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
 
 
 def _images_per_second(model: torch.nn.Module, batch: torch.Tensor, min_time: float, warmup: int = 2) -> float:
     """Median throughput of ``model(batch)`` in inference mode over repeats lasting at least ``min_time`` seconds."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(batch)
-        times: List[float] = []
-        started = time.perf_counter()
-        while len(times) < 3 or time.perf_counter() - started < min_time:
-            tick = time.perf_counter()
-            model(batch)
-            if batch.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - tick)
-    return batch.shape[0] / statistics.median(times)
+        return batch.shape[0] / _median_seconds(lambda: model(batch), min_time, warmup, batch.is_cuda)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -88,7 +99,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             known = ", ".join(timm.list_models("unireplknet_*"))
-            raise ConfigurationError(f"unknown model {args.model!r}; UniRepLKNet variants: {known}, or any timm model")
+            raise ConfigurationError(
+                f"unknown model {args.model!r}; UniRepLKNet variants: {known}, or any timm model") from None
         raise
     if args.checkpoint:
         report = backbones.load_checkpoint(model, args.checkpoint, strict=True)
@@ -139,6 +151,138 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not args.checkpoint:
             print("(random initialisation: layer scale starts at 1e-6, so the blocks barely touch the output; "
                   "pass --checkpoint for a check on trained weights)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bench
+
+
+def _bench_model(args: argparse.Namespace):
+    from .model import UniPerceiver
+
+    if args.model:
+        return UniPerceiver.from_pretrained(args.model)
+    settings = _adapter_settings(args.adapter)
+    task = args.task
+    if task == "forecasting":
+        settings.setdefault("horizon", 24)
+    return UniPerceiver(args.modality, backbone=args.backbone, task=task, kernel_sizes=args.kernel_sizes,
+                        num_classes=args.num_classes if task == "classification" else None, **settings)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .errors import UniPerceptionError
+
+    args = _merged(args, args.parser)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UniPerceptionError("--device cuda was asked for but PyTorch sees no CUDA GPU on this machine")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UniPerceptionError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if args.batch_size < 2:
+        raise UniPerceptionError("--batch-size must be at least 2 (a training step's BatchNorm needs two samples)")
+    torch.manual_seed(0)
+    model = _bench_model(args)
+    modality = model.modalities[0]
+    adapter = model.adapters[modality]
+    raw = args.example if args.example else adapter.example()
+    cuda = device.type == "cuda"
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+           if args.amp else torch.autocast(device.type, enabled=False))
+    rows = []
+
+    def row(stage: str, seconds: float, items: int, flops: Optional[float] = None) -> None:
+        rows.append(dict(stage=stage, samples_per_second=items / seconds, ms_per_call=seconds * 1e3,
+                         gflops_per_second=flops / seconds / 1e9 if flops else None))
+
+    # preprocessing of one sample on this process's threads: what one DataLoader worker delivers
+    row("preprocess (eval)", _median_seconds(lambda: adapter.prepare(raw), args.min_time), 1)
+    row("preprocess (train, augmented)", _median_seconds(lambda: adapter.prepare(raw, train=True), args.min_time), 1)
+    sample = adapter.prepare(raw)
+    batch = adapter.collate([sample] * args.batch_size).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last and batch.ndim == 4:
+        batch = batch.contiguous(memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)
+    flops = _forward_flops(model.eval(), batch[:2]) / 2
+
+    def inference(net: torch.nn.Module, stage: str) -> None:
+        net.eval()
+        with torch.inference_mode(), amp:
+            seconds = _median_seconds(lambda: net(batch), args.min_time, cuda=cuda)
+        row(stage, seconds, args.batch_size, flops * args.batch_size)
+
+    inference(model, "inference, train form")
+    deployed = copy.deepcopy(model)
+    if not deployed.deploy:
+        deployed.reparameterize()
+    inference(deployed, "inference, deploy form")
+    if args.compile:
+        inference(torch.compile(deployed), "inference, deploy form, compiled")
+
+    # a whole training step: forward, loss, backward, AdamW update
+    from timm.optim import create_optimizer_v2
+
+    trained = copy.deepcopy(model) if not model.deploy else None
+    if trained is None:
+        print("(the model is in deploy form: no training step measured)", file=sys.stderr)
+    else:
+        trained.train()
+        if args.grad_checkpointing and hasattr(trained.backbone, "set_grad_checkpointing"):
+            trained.backbone.set_grad_checkpointing(True)
+        optimizer = create_optimizer_v2(trained, opt="adamw", lr=1e-4, weight_decay=0.05)
+        scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+        with torch.no_grad():
+            outputs = trained(batch[:2])
+        if trained.task == "classification":
+            targets = torch.randint(0, outputs.shape[-1], (args.batch_size,), device=device)
+            criterion = torch.nn.CrossEntropyLoss()
+        else:
+            targets = torch.randn((args.batch_size, *outputs.shape[1:]), device=device)
+            criterion = torch.nn.MSELoss()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with amp:
+                loss = criterion(trained(batch).float(), targets)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+
+        # a backward pass costs two forward passes (input and weight gradients). PyTorch's counter is not used for
+        # it: its convolution_backward formula counts a depthwise weight gradient C times over
+        train_flops = 3 * flops
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = _median_seconds(step, args.min_time, cuda=cuda)
+        row("training step", seconds, args.batch_size, train_flops * args.batch_size)
+        if cuda:
+            rows[-1]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    shape = "x".join(str(d) for d in sample.shape)
+    result = dict(modality=modality, backbone=model.config.get("backbone"), task=model.task, sample_shape=shape,
+                  batch_size=args.batch_size, device=str(device), threads=torch.get_num_threads(),
+                  amp=args.amp, channels_last=args.channels_last, torch=torch.__version__,
+                  parameters=_count_parameters(model), gflops_per_sample=flops / 1e9, results=rows)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['backbone']} on {modality} ({model.task}), one sample {shape}, batch {args.batch_size}, {device} "
+          f"({result['threads']} threads), {args.amp or 'float32'}"
+          f"{', channels-last' if args.channels_last else ''}, torch {torch.__version__}")
+    print(f"{_count_parameters(model) / 1e6:.2f}M parameters, {flops / 1e9:.3f} GFLOPs per sample (forward; a "
+          "training step counts 3x)")
+    print(f"{'stage':<36} {'samples/s':>10} {'ms/call':>10} {'GFLOP/s':>9}")
+    for entry in rows:
+        rate = f"{entry['gflops_per_second']:.1f}" if entry["gflops_per_second"] else "-"
+        extra = f"  peak {entry['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in entry else ""
+        print(f"{entry['stage']:<36} {entry['samples_per_second']:>10.1f} {entry['ms_per_call']:>10.2f} "
+              f"{rate:>9}{extra}")
     return 0
 
 
@@ -474,6 +618,35 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the results as JSON")
     info.set_defaults(func=cmd_info)
     _add_run_commands(sub)
+
+    bench = sub.add_parser(
+        "bench", help="speed of preprocessing, inference and training for a modality",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time every stage of a model on one modality with this machine: preprocessing one sample (what a "
+        "DataLoader worker delivers), inference in train and deploy form (optionally compiled), and a whole "
+        "training step (forward, backward, AdamW), with FLOP rates and, on CUDA, peak memory. Inputs are "
+        "synthetic unless --example names a real file. Example: uniperception bench --modality audio "
+        "--batch-size 16 --amp bf16",
+    )
+    bench.add_argument("--config", help="YAML or JSON file with any of these options")
+    bench.add_argument("--modality", default="image", help="image, audio, video, point_cloud or time_series")
+    bench.add_argument("--backbone", default="unireplknet_a", help="UniRepLKNet variant or any timm model")
+    bench.add_argument("--model", default=None, help="time a saved model folder instead of building one")
+    bench.add_argument("--task", choices=["classification", "forecasting"], default="classification")
+    bench.add_argument("--num-classes", type=int, default=10)
+    bench.add_argument("--kernel-sizes", type=int, default=None, help="kernel size of the last stage")
+    bench.add_argument("--adapter", action="append", metavar="KEY=VALUE",
+                       help="adapter setting, repeatable, e.g. --adapter image_size=128")
+    bench.add_argument("--example", default=None, help="a raw file to time instead of a synthetic input")
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    bench.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision")
+    bench.add_argument("--channels-last", action="store_true", help="model and input in channels-last layout")
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile of the deploy form")
+    bench.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the training step")
+    bench.add_argument("--min-time", type=float, default=2.0, help="seconds to spend timing each stage")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.set_defaults(func=cmd_bench, parser=bench)
     return parser
 
 
