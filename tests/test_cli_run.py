@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from uniperception.cli import main
@@ -28,7 +29,9 @@ def test_train_eval_predict_export_from_the_command_line(tmp_path, capsys):
     output = tmp_path / "run"
     assert main(["train", "--config", str(config), "--modality", "image", "--data", str(data), "--val-data",
                  str(data), "--output", str(output), "--seed", "1"]) == 0
-    assert "trained 2 epoch(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained 2 epoch(s)" in out and "mixup 0.8, cutmix 1.0 (the image recipe's" in out
+    assert torch.load(output / "last.pt", weights_only=False)["config"]["mixup"] == 0.8
     model = output / "model"
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
     saved = json.loads((model / "config.json").read_text())
@@ -63,7 +66,8 @@ def test_forecasting_from_a_csv_series(tmp_path, capsys):
     assert main(["train", "--modality", "time_series", "--series", str(series), "--stride", "8", "--epochs", "1",
                  "--batch-size", "8", "--adapter", "length=32", "--adapter", "horizon=4", "--adapter",
                  "min_d_model=32", "--output", str(output)]) == 0
-    capsys.readouterr()
+    assert "mixup" not in capsys.readouterr().out
+    assert torch.load(output / "last.pt", weights_only=False)["config"]["mixup"] == 0.0
     assert main(["predict", "--model", str(output / "model"), "--json", str(series)]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert len(row["forecast"]) == 4 and row["timestamps"][0] == "2024-01-11 00:00:00"
@@ -85,3 +89,14 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "give the data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--amp", "fp8"])
+
+
+def test_a_config_file_can_turn_the_recipe_mixing_off(tmp_path, capsys):
+    data = write_images(tmp_path / "data")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"mixup": 0, "cutmix": 0.0, "epochs": 1, "batch_size": 4,
+                                  "adapter": {"image_size": 32}}))
+    assert main(["train", "--config", str(config), "--data", str(data), "--output", str(tmp_path / "run")]) == 0
+    assert "recipe" not in capsys.readouterr().out
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]
+    assert saved["mixup"] == 0 and saved["cutmix"] == 0

@@ -370,6 +370,11 @@ def _manifest_splits(path: str) -> set:
     return set(pd.read_csv(path, usecols=["split"], dtype=str)["split"])
 
 
+# mixup and cutmix alphas of the published recipes, used when --mixup / --cutmix are not given: the ImageNet recipe
+# (ConvNeXt's, which UniRepLKNet trains with) and the AudioSet/speech recipe; the other modalities train without
+RECIPE_MIXING = {"image": (0.8, 1.0), "audio": (0.6, 0.0)}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import TrainConfig, Trainer
     from .model import UniPerceiver
@@ -379,6 +384,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # under torchrun, rank 0 alone reports
     torch.manual_seed(args.seed)
     task = "forecasting" if args.series else "classification"
+    recipe = RECIPE_MIXING.get(args.modality, (0.0, 0.0)) if task == "classification" else (0.0, 0.0)
+    if args.mixup is None or args.cutmix is None:
+        args.mixup = recipe[0] if args.mixup is None else args.mixup
+        args.cutmix = recipe[1] if args.cutmix is None else args.cutmix
+        if any(recipe) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"mixup {args.mixup}, cutmix {args.cutmix} (the {args.modality} recipe's; --mixup 0 --cutmix 0 "
+                  "disables)")
     adapter_settings = _adapter_settings(args.adapter)
     # class names come from the training data: a first pass with a throw-away adapter
     from modalities import create_adapter
@@ -424,7 +436,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modality = model.modalities[0]
     data = _dataset(args, model.adapters[modality], args.split, False)
     output = Path(args.output)
-    config = TrainConfig(output=str(output), batch_size=args.batch_size, progress=False, device=args.device,
+    config = TrainConfig(output=str(output), batch_size=args.batch_size, device=args.device,
                          num_workers=args.num_workers, strict_data=args.strict_data)
     metrics = Trainer(model, data, None, config).evaluate(data)
     output.mkdir(parents=True, exist_ok=True)
@@ -533,8 +545,10 @@ def _add_run_commands(sub) -> None:
     run.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     run.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     run.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    run.add_argument("--mixup", type=float, default=defaults.mixup, help="mixup alpha (0 disables)")
-    run.add_argument("--cutmix", type=float, default=defaults.cutmix, help="cutmix alpha (0 disables)")
+    run.add_argument("--mixup", type=float, default=None,
+                     help="mixup alpha, 0 disables (default: the modality recipe's, see RECIPE_MIXING)")
+    run.add_argument("--cutmix", type=float, default=None,
+                     help="cutmix alpha, 0 disables (default: the modality recipe's)")
     run.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the backbone")
     run.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
     run.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps)

@@ -448,8 +448,12 @@ class Trainer:
         else:
             metrics = ForecastMetrics(season=1)
         batches = []  # this process's share; in a process group every share is gathered before the metrics
+        loader = self._loader(data, False, 0)
+        bar = tqdm(loader, desc="evaluating", unit="batch", leave=False,
+                   disable=True if not self.dist.is_main else
+                   (not self.config.progress) if self.config.progress is not None else None)
         try:
-            for batch, _ in self._loader(data, False, 0):
+            for batch, _ in bar:
                 if batch is None:
                     continue
                 inputs, targets = (t.to(self.device) for t in batch)
