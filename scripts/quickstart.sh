@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One entry point for the README's quick start and for CI.
 #
-#   bash scripts/quickstart.sh demo   # install, then run the main job on built-in data
+#   bash scripts/quickstart.sh demo   # install, then train and test on built-in data (uniperception demo)
 #   bash scripts/quickstart.sh test   # install with the dev extras, then run the whole test suite
 #
 # It installs what it needs: the Debian libraries open3d links against (when missing, through apt-get as root or
 # with sudo) and the Python packages, into ./.venv unless a virtual environment is already active
-# (UNIPERCEPTION_VENV picks another folder). Extra arguments after "test" go to pytest.
+# (UNIPERCEPTION_VENV picks another folder). Extra arguments after "test" go to pytest, after "demo" to
+# uniperception demo (e.g. --modality all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +18,9 @@ case "$command" in
   *) echo "usage: bash scripts/quickstart.sh demo|test [pytest arguments]" >&2; exit 2 ;;
 esac
 
-# --- Debian packages: open3d needs libusb, GL/EGL and X11 client libraries even when nothing is displayed
-debian_packages=(libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1)
+# --- Debian packages: open3d needs libusb, GL/EGL and X11 client libraries even when nothing is displayed;
+#     espeak-ng speaks the built-in spoken-commands dataset
+debian_packages=(libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 espeak-ng)
 if command -v dpkg-query >/dev/null 2>&1; then
   missing=()
   for package in "${debian_packages[@]}"; do
@@ -55,7 +57,7 @@ fi
 
 # --- the job
 if [ "$command" = demo ]; then
-  exec uniperception info --model unireplknet_a --image-size 224 --batch-size 8
+  exec uniperception demo "$@"
 else
   exec python -m pytest "$@"
 fi

@@ -19,6 +19,17 @@ from backbones.unireplknet import GRNwithNHWC, UniRepLKNetBlock
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dataset_cache(tmp_path_factory):
+    """Built-in datasets are built once per test session into a temporary cache (an UNIPERCEPTION_CACHE already
+    set, e.g. a warm one, is used instead)."""
+    if "UNIPERCEPTION_CACHE" not in os.environ:
+        os.environ["UNIPERCEPTION_CACHE"] = str(tmp_path_factory.mktemp("uniperception_cache"))
+    from uniperception import datasets
+
+    return datasets.cache_root()
+
+
 def reference_keys(variant: str, form: str) -> List[Tuple[str, Tuple[int, ...]]]:
     """(name, shape) of every tensor of an official UniRepLKNet checkpoint (``form`` is train or deploy)."""
     rows = []

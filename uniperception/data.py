@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from modalities import InvalidInputError
+from modalities.base import ModalityAdapter
 
 from .errors import UniPerceptionError
 
@@ -56,23 +57,38 @@ FILE_SUFFIXES: Dict[str, Tuple[str, ...]] = {
 class _LabelledFiles(Dataset):
     """Shared reading of ``(path, label)`` items through an adapter, with bad samples skipped or raised."""
 
-    def __init__(self, items: List[Tuple[Path, int]], class_names: List[str], adapter, train: bool, strict: bool):
+    def __init__(self, items: List[Tuple[Path, int]], class_names: List[str], adapter, train: bool, strict: bool,
+                 cache: bool = False):
         self.items, self.class_names, self.adapter = items, class_names, adapter
         self.train, self.strict = train, strict
         self.skipped: List[str] = []
+        # the preprocessed sample can be kept only where augmentation runs after preprocessing (the base prepare)
+        self.cache: Optional[Dict[int, Optional[torch.Tensor]]] = (
+            {} if cache and type(adapter).prepare is ModalityAdapter.prepare else None)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, int]]:
         path, label = self.items[index]
+        if self.cache is not None:
+            if index not in self.cache:
+                self.cache[index] = self._read(path, lambda: self.adapter.preprocess(self.adapter.load(path)))
+            sample = self.cache[index]
+            if sample is None:
+                return None
+            return (self.adapter.augment(sample.clone()) if self.train else sample.clone()), label
+        sample = self._read(path, lambda: self.adapter.prepare(path, train=self.train))
+        return None if sample is None else (sample, label)
+
+    def _read(self, path: Path, read: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
         try:
-            return self.adapter.prepare(path, train=self.train), label
+            return read()
         except InvalidInputError as exc:
             if self.strict:
                 raise
             self.skipped.append(str(path))
-            warnings.warn(f"skipped a sample that cannot be read: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"skipped a sample that cannot be read: {exc}", RuntimeWarning, stacklevel=3)
             return None
 
     def counts(self) -> Dict[str, int]:
@@ -101,11 +117,15 @@ class FolderDataset(_LabelledFiles):
         extensions: file suffixes to take (default: the modality's usual ones).
         class_names: fix the classes (and their order); folders not named are an error.
         strict: raise on an unreadable sample instead of skipping it.
+        cache: keep each preprocessed sample in memory after its first read (training augmentation still runs on
+            every access). Only for adapters that augment after preprocessing (audio, point clouds, time series);
+            image and video adapters augment while decoding, so for them this does nothing. With DataLoader
+            workers each worker keeps its own copy (use ``persistent_workers``).
     """
 
     def __init__(self, root: Union[str, os.PathLike], adapter, train: bool = False,
                  extensions: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
-                 strict: bool = False):
+                 strict: bool = False, cache: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise UniPerceptionError(f"{root}: no such folder of class folders")
@@ -126,7 +146,7 @@ class FolderDataset(_LabelledFiles):
                           if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in suffixes]
         if not items:
             raise UniPerceptionError(f"{root}: no files with suffixes {', '.join(suffixes)} in its class folders")
-        super().__init__(items, list(folders), adapter, train, strict)
+        super().__init__(items, list(folders), adapter, train, strict, cache)
 
 
 class ManifestDataset(_LabelledFiles):
@@ -140,10 +160,12 @@ class ManifestDataset(_LabelledFiles):
         class_names: fix the classes (and their order); by default the sorted distinct labels of the whole manifest,
             so every split numbers them alike.
         strict: raise on an unreadable sample instead of skipping it; missing files are always an error.
+        cache: keep preprocessed samples in memory, as for :class:`FolderDataset`.
     """
 
     def __init__(self, manifest: Union[str, os.PathLike], adapter, split: Optional[str] = None,
-                 train: bool = False, class_names: Optional[Sequence[str]] = None, strict: bool = False):
+                 train: bool = False, class_names: Optional[Sequence[str]] = None, strict: bool = False,
+                 cache: bool = False):
         manifest = Path(manifest)
         try:
             table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -175,7 +197,7 @@ class ManifestDataset(_LabelledFiles):
         if absent:
             raise UniPerceptionError(f"{manifest}: {len(absent)} listed file(s) do not exist, e.g. "
                                      f"{', '.join(absent[:3])}")
-        super().__init__(items, names, adapter, train, strict)
+        super().__init__(items, names, adapter, train, strict, cache)
 
 
 class ForecastingDataset(Dataset):

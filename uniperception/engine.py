@@ -93,6 +93,7 @@ class TrainConfig:
     strict_data: bool = False
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
     sync_bn: bool = False  # synchronise BatchNorm statistics across torchrun processes
+    season: int = 1  # forecasting: the seasonal period of the naive forecast that MASE divides by
     tensorboard: bool = False  # also write TensorBoard event files to OUTPUT/tensorboard
 
     def __post_init__(self) -> None:
@@ -446,7 +447,7 @@ class Trainer:
             metrics = ClassificationMetrics(len(self.model.class_names[self.modality]),
                                             self.model.class_names[self.modality])
         else:
-            metrics = ForecastMetrics(season=1)
+            metrics = ForecastMetrics(season=self.config.season)
         batches = []  # this process's share; in a process group every share is gathered before the metrics
         loader = self._loader(data, False, 0)
         bar = tqdm(loader, desc="evaluating", unit="batch", leave=False,
