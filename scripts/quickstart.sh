@@ -15,7 +15,7 @@ command="${1:-}"
 shift || true
 case "$command" in
   demo|test) ;;
-  *) echo "usage: bash scripts/quickstart.sh demo|test [pytest arguments]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/quickstart.sh demo [uniperception demo options] | test [pytest arguments]" >&2; exit 2 ;;
 esac
 
 # --- Debian packages: open3d needs libusb, GL/EGL and X11 client libraries even when nothing is displayed;

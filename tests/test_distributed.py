@@ -23,6 +23,7 @@ from uniperception.distributed import (
     shard,
 )
 from uniperception.engine import TrainConfig, Trainer, TrainingError
+from uniperception.errors import UniPerceptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,3 +204,38 @@ def test_a_torchrun_environment_without_its_rendezvous_is_a_clear_error(tmp_path
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(UniPerceptionError, match="launch with torchrun"):
         Trainer(model, train, val, config).fit()
+
+
+def test_batchnorm_subclasses_are_left_alone_with_a_warning():
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.BatchNorm2d(4), BatchNormAct2d(4, act_layer=nn.SiLU))
+    with pytest.warns(RuntimeWarning, match="BatchNormAct2d unsynchronised"):
+        convert_sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[0], SyncBatchNorm) and type(model[1]) is BatchNormAct2d
+    assert set(model.state_dict()) == {f"{i}.{k}" for i in (0, 1) for k in
+                                       ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    revert_sync_batchnorm(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_metrics_of_shares_merge_into_the_metrics_of_the_whole():
+    from uniperception.metrics import ClassificationMetrics, ForecastMetrics
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(20, 6), torch.randint(0, 6, (20,))
+    whole, first, second = (ClassificationMetrics(6) for _ in range(3))
+    whole.update(logits, labels, loss=1.5)
+    first.update(logits[:7], labels[:7], loss=1.5)
+    second.update(logits[7:], labels[7:], loss=1.5)
+    merged = first.merge(second).compute()
+    for key, value in whole.compute().items():
+        assert merged[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    forecast, target, history = torch.randn(9, 4, 2), torch.randn(9, 4, 2), torch.randn(9, 8, 2)
+    whole, first, second = (ForecastMetrics(season=2) for _ in range(3))
+    whole.update(forecast, target, history)
+    first.update(forecast[:4], target[:4], history[:4])
+    second.update(forecast[4:], target[4:], history[4:])
+    assert first.merge(second).compute() == pytest.approx(whole.compute())
+    with pytest.raises(UniPerceptionError, match="same season"):
+        ForecastMetrics(season=1).merge(ForecastMetrics(season=2))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -174,10 +173,11 @@ def _bench_model(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .engine import _device
     from .errors import UniPerceptionError
 
     args = _merged(args, args.parser)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = _device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UniPerceptionError("--device cuda was asked for but PyTorch sees no CUDA GPU on this machine")
     if args.amp == "fp16" and device.type != "cuda":
@@ -209,19 +209,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = model.to(device, memory_format=memory_format)
     flops = _forward_flops(model.eval(), batch[:2]) / 2
 
-    def inference(net: torch.nn.Module, stage: str) -> None:
+    def inference(net: torch.nn.Module, stage: str, per_sample: float) -> None:
         net.eval()
         with torch.inference_mode(), amp:
             seconds = _median_seconds(lambda: net(batch), args.min_time, cuda=cuda)
-        row(stage, seconds, args.batch_size, flops * args.batch_size)
+        row(stage, seconds, args.batch_size, per_sample * args.batch_size)
 
-    inference(model, "inference, train form")
+    if not model.deploy:
+        inference(model, "inference, train form", flops)
     deployed = copy.deepcopy(model)
     if not deployed.deploy:
         deployed.reparameterize()
-    inference(deployed, "inference, deploy form")
+    deploy_flops = _forward_flops(deployed.eval(), batch[:2]) / 2
+    inference(deployed, "inference, deploy form", deploy_flops)
     if args.compile:
-        inference(torch.compile(deployed), "inference, deploy form, compiled")
+        inference(torch.compile(deployed), "inference, deploy form, compiled", deploy_flops)
 
     # a whole training step: forward, loss, backward, AdamW update
     from timm.optim import create_optimizer_v2
@@ -420,11 +422,12 @@ RECIPE_MIXING = {"image": (0.8, 1.0), "audio": (0.6, 0.0)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .engine import TrainConfig, Trainer
     from .model import UniPerceiver
 
     args = _merged(args, args.parser)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if distributed.rank() != 0:
         warnings.simplefilter("ignore")  # under torchrun, rank 0 alone reports
     torch.manual_seed(args.seed)
     task = "forecasting" if args.series else "classification"
@@ -432,7 +435,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.mixup is None or args.cutmix is None:
         args.mixup = recipe[0] if args.mixup is None else args.mixup
         args.cutmix = recipe[1] if args.cutmix is None else args.cutmix
-        if any(recipe) and int(os.environ.get("RANK", "0")) == 0:
+        if any(recipe) and distributed.rank() == 0:
             print(f"mixup {args.mixup}, cutmix {args.cutmix} (the {args.modality} recipe's; --mixup 0 --cutmix 0 "
                   "disables)")
     adapter_settings = _adapter_settings(args.adapter)
@@ -459,7 +462,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     history = Trainer(model, train, val, config).fit()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if distributed.rank() != 0:
         return 0  # under torchrun rank 0 alone saves the model and reports
     best = Path(config.output) / ("best.pt" if (Path(config.output) / "best.pt").is_file() else "last.pt")
     model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])

@@ -119,8 +119,9 @@ class FolderDataset(_LabelledFiles):
         strict: raise on an unreadable sample instead of skipping it.
         cache: keep each preprocessed sample in memory after its first read (training augmentation still runs on
             every access). Only for adapters that augment after preprocessing (audio, point clouds, time series);
-            image and video adapters augment while decoding, so for them this does nothing. With DataLoader
-            workers each worker keeps its own copy (use ``persistent_workers``).
+            image and video adapters augment while decoding, so for them this does nothing. It pays off with
+            ``num_workers=0`` (as :class:`~uniperception.engine.Trainer` uses by default): DataLoader workers each
+            keep their own copy, lost when the loader ends.
     """
 
     def __init__(self, root: Union[str, os.PathLike], adapter, train: bool = False,

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "DistributedState", "SyncBatchNorm", "convert_sync_batchnorm", "launched_by_torchrun", "revert_sync_batchnorm",
-    "setup", "shard",
+    "DistributedState", "SyncBatchNorm", "convert_sync_batchnorm", "launched_by_torchrun", "rank",
+    "revert_sync_batchnorm", "setup", "shard",
 ]
 
 
@@ -82,7 +82,8 @@ class DistributedState:
         return holder[0]
 
     def broadcast_buffers(self, module: nn.Module) -> None:
-        """Give every process rank 0's buffers (BatchNorm running statistics drift apart between processes)."""
+        """Give every process rank 0's buffers: DistributedDataParallel sends them before each forward pass, but
+        each process then updates its BatchNorm running statistics from its own batch."""
         if self.enabled:
             for buffer in module.buffers():
                 dist.broadcast(buffer.data, src=0)
@@ -101,6 +102,11 @@ class DistributedState:
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise), from the environment: known before the group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def setup(device: torch.device, timeout_minutes: float = 30.0) -> DistributedState:
@@ -169,38 +175,52 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out.to(input.dtype)
 
 
+# only these exact classes are converted: a subclass (timm's BatchNormAct2d adds an activation) would lose what it adds
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of ``module`` made synchronous: PyTorch's SyncBatchNorm on CUDA, :class:`SyncBatchNorm` on
-    other devices. Parameters and buffers are kept (the same tensors), so an optimizer built before stays valid;
-    :func:`revert_sync_batchnorm` restores the original classes (re-parameterisation looks for them)."""
+    """Every plain BatchNorm of ``module`` made synchronous: PyTorch's SyncBatchNorm on CUDA, :class:`SyncBatchNorm`
+    on other devices. Parameters and buffers are kept (the same tensors), so an optimizer built before stays valid;
+    :func:`revert_sync_batchnorm` puts the original modules back (re-parameterisation looks for them). BatchNorm
+    subclasses (e.g. timm's BatchNormAct2d) are left as they are, with a warning."""
     target = nn.SyncBatchNorm if device.type == "cuda" else SyncBatchNorm
+    skipped = set()
 
     def convert(child: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(child, nn.modules.batchnorm._BatchNorm) or isinstance(child, (nn.SyncBatchNorm,
-                                                                                        SyncBatchNorm)):
+        if type(child) not in _PLAIN_BATCHNORMS:
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, (nn.SyncBatchNorm,
+                                                                                             SyncBatchNorm)):
+                skipped.add(type(child).__name__)
             return None
-        converted = _rebuilt(child, target)
-        converted._unsynced_class = type(child)
+        converted = target(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        if child.affine:
+            converted.weight, converted.bias = child.weight, child.bias
+        if child.track_running_stats:
+            converted.running_mean, converted.running_var = child.running_mean, child.running_var
+            converted.num_batches_tracked = child.num_batches_tracked
+        converted.train(child.training)
+        object.__setattr__(converted, "_unsynced", child)  # not a submodule: stays out of the state dict
         return converted
 
-    return _swap(module, convert)
+    module = _swap(module, convert)
+    if skipped:
+        import warnings
+
+        warnings.warn(f"sync_bn leaves {', '.join(sorted(skipped))} unsynchronised (BatchNorm subclasses)",
+                      RuntimeWarning, stacklevel=2)
+    return module
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Undo :func:`convert_sync_batchnorm` (same parameters and buffers, original classes)."""
-    return _swap(module, lambda child: _rebuilt(child, child._unsynced_class)
-                 if hasattr(child, "_unsynced_class") else None)
+    """Undo :func:`convert_sync_batchnorm`: the original modules, which share the trained parameters and buffers."""
+    def revert(child: nn.Module) -> Optional[nn.Module]:
+        original = getattr(child, "_unsynced", None)
+        if original is not None:
+            original.train(child.training)
+        return original
 
-
-def _rebuilt(module: nn.modules.batchnorm._BatchNorm, cls: type) -> nn.Module:
-    rebuilt = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-    if module.affine:
-        rebuilt.weight, rebuilt.bias = module.weight, module.bias
-    if module.track_running_stats:
-        rebuilt.running_mean, rebuilt.running_var = module.running_mean, module.running_var
-        rebuilt.num_batches_tracked = module.num_batches_tracked
-    rebuilt.train(module.training)
-    return rebuilt
+    return _swap(module, revert)
 
 
 def _swap(module: nn.Module, replace) -> nn.Module:

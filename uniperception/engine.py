@@ -8,8 +8,8 @@ checkpointing.
 Checkpoints: at the end of every epoch ``last.pt`` (and ``best.pt`` when the validation metric improves) are written
 atomically (a temporary file renamed into place) with the model, optimizer, scheduler, EMA, loss scaler, the RNG
 states and the history, so a run killed at any moment (SIGKILL included) resumes from its last complete epoch with
-``resume=True``. Shuffling draws from a generator seeded by ``(seed, epoch)``, so on the CPU with ``num_workers=0``
-the resumed run's losses equal an uninterrupted run's.
+``resume=True``. The shuffled order depends only on ``(seed, epoch)`` (PyTorch's DistributedSampler, also in one
+process), so on the CPU with ``num_workers=0`` the resumed run's losses equal an uninterrupted run's.
 
 Unreadable samples are dropped from their batch with a warning and counted (``strict_data=True`` raises instead); a
 non-finite loss stops the run with :class:`TrainingError`, the last checkpoint intact; an output folder that cannot
@@ -19,7 +19,8 @@ Launched by ``torchrun --nproc_per_node=N`` the same code trains with Distribute
 :mod:`uniperception.distributed`): every process draws its share of each epoch's shuffled order, ``batch_size`` is
 per process, ``sync_bn`` synchronises BatchNorm (on the CPU too), validation is split across processes and gathered,
 and only rank 0 shows progress and writes checkpoints, metrics and plots. The shuffled order is the same as one
-process's, so N processes with batch B see the batches one process sees with batch N*B.
+process's, so N processes with batch B see the batches one process sees with batch N*B (when N divides the
+dataset; otherwise PyTorch's DistributedSampler repeats a few samples to give every process an equal share).
 
 Metrics go to ``metrics.csv`` and ``history.json`` every epoch, and with ``tensorboard=True`` also to TensorBoard
 event files in ``OUTPUT/tensorboard`` (the loss and learning rate of every update, every epoch's metrics; needs the
@@ -97,8 +98,8 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files to OUTPUT/tensorboard
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.accumulation_steps < 1:
-            raise UniPerceptionError("epochs, batch_size and accumulation_steps must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.accumulation_steps < 1 or self.season < 1:
+            raise UniPerceptionError("epochs, batch_size, accumulation_steps and season must be at least 1")
         if self.amp not in (None, "bf16", "fp16"):
             raise UniPerceptionError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if not 0 <= self.label_smoothing < 1 or self.mixup < 0 or self.cutmix < 0:
@@ -156,6 +157,10 @@ class Trainer:
         self.device = _device(self.config.device)
         if self.config.amp == "fp16" and self.device.type != "cuda":
             raise UniPerceptionError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+        length = getattr(self.adapter, "length", None)
+        if self.task == "forecasting" and length is not None and self.config.season > length:
+            raise UniPerceptionError(f"season {self.config.season} is longer than the look-back of {length} steps: "
+                                     "the seasonal-naive forecast needs one whole season of history")
         self.output = Path(self.config.output)
         self.history: List[Dict[str, Any]] = []
         self.skipped = 0
@@ -308,8 +313,6 @@ class Trainer:
         """Train for ``config.epochs`` epochs (continuing a saved run with ``resume=True``); returns the history: one
         dict per epoch with ``train_loss``, ``lr``, ``skipped`` and the validation metrics."""
         self.dist = distributed.setup(self.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
         try:
             self._fit()
         finally:
@@ -378,8 +381,8 @@ class Trainer:
             skipped += dropped
             if dropped and self.config.strict_data:
                 raise TrainingError(f"{dropped} unreadable sample(s) in epoch {epoch + 1} (strict_data)")
-            if batch is None:
-                continue
+            if not self.dist.all_true(batch is not None):
+                continue  # every process skips together: the others must not wait in a collective alone
             inputs, targets = (t.to(self.device) for t in batch)
             if self.mixup is not None and inputs.shape[0] % 2 == 0:
                 inputs, targets = self.mixup(inputs, targets)
@@ -448,7 +451,6 @@ class Trainer:
                                             self.model.class_names[self.modality])
         else:
             metrics = ForecastMetrics(season=self.config.season)
-        batches = []  # this process's share; in a process group every share is gathered before the metrics
         loader = self._loader(data, False, 0)
         bar = tqdm(loader, desc="evaluating", unit="batch", leave=False,
                    disable=True if not self.dist.is_main else
@@ -461,18 +463,16 @@ class Trainer:
                 with self._autocast():
                     outputs = model(inputs).float()
                 if self.task == "classification":
-                    batches.append((outputs.cpu(), targets.cpu(), F.cross_entropy(outputs, targets).item()))
+                    metrics.update(outputs.cpu(), targets.cpu(), loss=F.cross_entropy(outputs, targets).item())
                 else:
                     history = inputs[..., : targets.shape[-1]]
-                    batches.append((outputs.cpu(), targets.float().cpu(), history.float().cpu()))
+                    metrics.update(outputs.cpu(), targets.float().cpu(), history.float().cpu())
         finally:
             model.train(was_training)
-        for share in self.dist.gather(batches):
-            for outputs, targets, extra in share:
-                if self.task == "classification":
-                    metrics.update(outputs, targets, loss=extra)
-                else:
-                    metrics.update(outputs, targets, extra)
+        shares = self.dist.gather(metrics)  # each process's counts (a confusion matrix, sums), not its outputs
+        metrics = shares[0]
+        for share in shares[1:]:
+            metrics.merge(share)
         result = metrics.compute()
         if self.task == "forecasting" and "loss" not in result:
             result["loss"] = result["mse"]

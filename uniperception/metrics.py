@@ -197,6 +197,17 @@ class ClassificationMetrics:
         """Samples seen since the last reset."""
         return self._count
 
+    def merge(self, other: "ClassificationMetrics") -> "ClassificationMetrics":
+        """Add what ``other`` has seen (e.g. another process's share of a validation set); returns ``self``."""
+        if not isinstance(other, ClassificationMetrics) or other.num_classes != self.num_classes:
+            raise UniPerceptionError("merge needs ClassificationMetrics with the same number of classes")
+        self._confusion += other._confusion
+        self._topk_correct += other._topk_correct
+        self._count += other._count
+        self._loss_sum += other._loss_sum
+        self._loss_count += other._loss_count
+        return self
+
     def compute(self) -> Dict[str, Any]:
         """The metrics of every batch since the last reset (see the class docstring); needs at least one sample."""
         if self._count == 0:
@@ -298,6 +309,17 @@ class ForecastMetrics:
     def count(self) -> int:
         """Values compared since the last reset."""
         return self._count
+
+    def merge(self, other: "ForecastMetrics") -> "ForecastMetrics":
+        """Add what ``other`` has seen (e.g. another process's share of a validation set); returns ``self``."""
+        if not isinstance(other, ForecastMetrics) or other.season != self.season:
+            raise UniPerceptionError("merge needs ForecastMetrics with the same season")
+        self._sq += other._sq
+        self._abs += other._abs
+        self._naive_sq += other._naive_sq
+        self._naive_abs += other._naive_abs
+        self._count += other._count
+        return self
 
     def compute(self) -> Dict[str, Any]:
         """The metrics of every batch since the last reset (see the class docstring); needs at least one value."""

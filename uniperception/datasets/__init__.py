@@ -184,16 +184,29 @@ def load(name: str, root: Union[str, os.PathLike, None] = None, rebuild: bool = 
         info.update(name=name, modality=spec.modality, task=spec.task, version=spec.version,
                     build_seconds=round(time.perf_counter() - started, 1))
         (staging / "info.json").write_text(json.dumps(info, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp made it private; the cache may be shared
         if target.exists():
             if not rebuild and marker.is_file():  # another process finished first: keep its copy
                 shutil.rmtree(staging, ignore_errors=True)
                 return _opened(spec, target)
             shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not marker.is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another process put its complete copy there meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _opened(spec, target)
+
+
+def quiet(progress: Optional[bool]) -> Optional[bool]:
+    """tqdm's ``disable`` for a ``progress`` flag (None: a bar only on a terminal)."""
+    return None if progress is None else not progress
 
 
 def _opened(spec: _Spec, target: Path) -> BuiltinDataset:

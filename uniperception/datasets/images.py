@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import SPLITS
+from . import SPLITS, quiet
 
 DIGITS_SOURCE = ("scikit-learn's load_digits: the test part of the UCI 'Optical Recognition of Handwritten Digits' "
                  "set (E. Alpaydin, C. Kaynak, 1998), 1797 images of 8x8 pixels with 17 grey levels written by 43 "
@@ -55,8 +55,8 @@ def build_digits(target: Path, progress: Optional[bool] = None) -> Dict[str, Any
     for split in SPLITS:
         for name in classes:
             (target / split / name).mkdir(parents=True)
-        for index in tqdm(parts[split], desc=f"digits {split}", disable=_quiet(progress), leave=False):
-            Image.fromarray(_as_uint8(images[index]), mode="L").save(
+        for index in tqdm(parts[split], desc=f"digits {split}", disable=quiet(progress), leave=False):
+            Image.fromarray(_as_uint8(images[index])).save(
                 target / split / str(labels[index]) / f"{index:04d}.png")
         counts[split] = len(parts[split])
     return dict(source=DIGITS_SOURCE, licence=DIGITS_LICENCE, classes=classes, counts=counts,
@@ -71,7 +71,7 @@ def build_digits(target: Path, progress: Optional[bool] = None) -> Dict[str, Any
 def _frames(digit: np.ndarray, motion: str, rng: np.random.Generator, frames: int = 16, canvas: int = 32,
             size: int = 12) -> np.ndarray:
     """``(frames, canvas, canvas)`` uint8: one digit in ``motion`` over a faintly noisy background."""
-    glyph = Image.fromarray(_as_uint8(digit), mode="L").resize((size, size), Image.BILINEAR)
+    glyph = Image.fromarray(_as_uint8(digit)).resize((size, size), Image.BILINEAR)
     steps = np.linspace(0.0, 1.0, frames)
     free = canvas - size
     x0, y0 = rng.uniform(0, free, 2)
@@ -133,7 +133,7 @@ def build_moving_digits(target: Path, progress: Optional[bool] = None) -> Dict[s
         jobs = [(motion, pool[int(rng.integers(len(pool)))]) for motion in MOTIONS for _ in range(per_class[split])]
         for motion in MOTIONS:
             (target / split / motion).mkdir(parents=True)
-        for number, (motion, index) in enumerate(tqdm(jobs, desc=f"moving digits {split}", disable=_quiet(progress),
+        for number, (motion, index) in enumerate(tqdm(jobs, desc=f"moving digits {split}", disable=quiet(progress),
                                                       leave=False)):
             _write_mp4(target / split / motion / f"{number:04d}_digit{index:04d}.mp4", _frames(images[index], motion,
                                                                                               rng))
@@ -149,6 +149,3 @@ def build_moving_digits(target: Path, progress: Optional[bool] = None) -> Dict[s
                     "Digits come from the digits split (no test digit is seen in training).",
     )
 
-
-def _quiet(progress: Optional[bool]) -> Optional[bool]:
-    return None if progress is None else not progress

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from . import quiet
+
 SEED = 20240919
 UCR_LICENCE = ("UCR/UEA time series archive (timeseriesclassification.com), free for research with citation of "
                "the archive; shipped inside aeon (BSD-3-Clause)")
@@ -52,7 +54,7 @@ def _write_ucr(target: Path, name: str, loader, description: str, progress: Opti
         for label in classes:
             (target / split / label).mkdir(parents=True)
         for i, (x, label) in enumerate(tqdm(list(zip(series, labels, strict=True)), desc=f"{name} {split}",
-                                            disable=None if progress is None else not progress, leave=False)):
+                                            disable=quiet(progress), leave=False)):
             channels = x.reshape(-1, x.shape[-1])  # (channels, length)
             lengths.add(channels.shape[1])
             frame = pd.DataFrame(channels.T, columns=[f"c{k}" for k in range(channels.shape[0])])

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import SPLITS
+from . import SPLITS, quiet
 
 SEED = 20240918
 POINTS = 2048
@@ -53,7 +53,7 @@ def _cloud(make, rng: np.random.Generator):
     import open3d as o3d
 
     shape = make(rng)
-    if rng.random() < 0.5:  # anisotropic stretch for the shapes whose constructors take one size
+    if rng.random() < 0.5:  # half of the shapes are also stretched along each axis
         vertices = np.asarray(shape.vertices) * rng.uniform(0.8, 1.25, 3)
         shape.vertices = o3d.utility.Vector3dVector(vertices)
     shape.rotate(_random_rotation(rng), center=(0, 0, 0))
@@ -76,8 +76,7 @@ def build_primitives(target: Path, progress: Optional[bool] = None) -> Dict[str,
         jobs = [(name, i) for name in makers for i in range(PER_CLASS[split])]
         for name in makers:
             (target / split / name).mkdir(parents=True)
-        for name, i in tqdm(jobs, desc=f"primitives {split}", disable=None if progress is None else not progress,
-                            leave=False):
+        for name, i in tqdm(jobs, desc=f"primitives {split}", disable=quiet(progress), leave=False):
             path = target / split / name / f"{i:04d}.ply"
             if not o3d.io.write_point_cloud(str(path), _cloud(makers[name], rng), write_ascii=False):
                 from . import DatasetBuildError

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import SPLITS, DatasetBuildError
+from . import SPLITS, DatasetBuildError, quiet
 
 WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 # "en" is British English; "en-gb+variant" would silently fall back to the plain voice, "en+variant" does not
@@ -148,7 +148,7 @@ def build_spoken_commands(target: Path, progress: Optional[bool] = None) -> Dict
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in tqdm(pool.map(make, jobs), total=len(jobs), desc="spoken commands",
-                      disable=None if progress is None else not progress, leave=False):
+                      disable=quiet(progress), leave=False):
             pass
     counts = {split: sum(1 for job in jobs if job[0] == split) for split in SPLITS}
     return dict(
