@@ -52,3 +52,20 @@ def test_preprocess_benchmark_quick_run(tmp_path):
                  "time series L=96"):
         assert name in text
     assert "train prep / model" in text and "adapter forward (projection / embedding)" in text
+
+
+@pytest.mark.slow
+def test_accuracy_floors_quick(tmp_path):
+    """The quick version of benchmarks/accuracy.py: the demos of the cheap sets, trained in full, reach their
+    floors (the script exits 1 otherwise)."""
+    results = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--output", str(tmp_path / "runs"),
+         "--results", str(results)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = results.read_text()
+    assert "## Demos against their baselines and floors" in text and "| NO |" not in text
+    for name in ("digits", "co2"):
+        assert f"| {name} |" in text
