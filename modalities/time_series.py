@@ -439,7 +439,8 @@ class TimeSeriesAdapter(ModalityAdapter):
         def read(**options: Any) -> pd.DataFrame:
             if hasattr(target, "seek"):
                 target.seek(0)
-            return pd.read_csv(target, sep=separator, index_col=False, **options)
+            # round_trip: every value exactly as written (pandas' default parser can miss by an ulp)
+            return pd.read_csv(target, sep=separator, index_col=False, float_precision="round_trip", **options)
 
         try:
             with warnings.catch_warnings(record=True) as caught:
