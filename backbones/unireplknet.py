@@ -39,7 +39,8 @@ from timm.models import register_model
 from .errors import CheckpointError, ConfigurationError, InputShapeError
 
 _logger = logging.getLogger(__name__)
-from .ops import DepthwiseConv2d
+from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d
+from .ops.depthwise import _tracing
 
 __all__ = [
     "UniRepLKNet",
@@ -284,8 +285,21 @@ class DilatedReparamBlock(nn.Module):
         for k, r in zip(self.kernel_sizes, self.dilates):
             conv = getattr(self, f"dil_conv_k{k}_{r}")
             bn = getattr(self, f"dil_bn_k{k}_{r}")
-            out = out + bn(conv(x))
+            out = out + bn(self._dilated(conv, r, x))
         return out
+
+    @staticmethod
+    def _dilated(conv: nn.Conv2d, dilation: int, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)``, with the taps that only meet padding on a small input left out (see ``central_taps``)."""
+        if _tracing():
+            return conv(x)
+        weight = central_taps(conv.weight, x.shape[-2], x.shape[-1], dilation)
+        if weight is conv.weight:
+            return conv(x)
+        if weight.shape[-1] == 1:
+            return depthwise_conv2d(x, weight, conv.bias)
+        return F.conv2d(x, weight, conv.bias, padding=dilation * (weight.shape[-1] // 2), dilation=dilation,
+                        groups=conv.groups)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

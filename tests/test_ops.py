@@ -55,3 +55,48 @@ def test_bad_arguments_are_clear_errors():
         register_backend("broken", 42)
     with pytest.raises(InputShapeError, match=r"\(B, 4, H, W\)"):
         DepthwiseConv2d(4, 3)(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("size, kernel_size, backend", [
+    ((1, 1), 13, "auto"), ((2, 2), 13, "auto"), ((2, 3), 31, "fft"), ((4, 1), 7, "torch_channels_last"),
+    ((3, 5), 17, "direct_fft_weight_grad"), ((8, 8), 13, "auto"), ((1, 2), 3, "torch"),
+])
+def test_kernels_wider_than_the_input_give_the_whole_kernels_output_and_gradients(size, kernel_size, backend):
+    # taps that only ever meet padding are cut off (a 1x1 map keeps a per-channel scale): nothing may change
+    from backbones.ops import central_taps
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 1, kernel_size, kernel_size, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    reference = torch.nn.functional.conv2d(x, weight, bias, padding=kernel_size // 2, groups=5)
+    expected = torch.autograd.grad(reference.square().sum(), (x, weight, bias))
+    out = depthwise_conv2d(x, weight, bias, backend=backend)
+    got = torch.autograd.grad(out.square().sum(), (x, weight, bias))
+    assert torch.allclose(out, reference, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    reach = 2 * max(size) - 1
+    assert central_taps(weight, *size).shape[-1] == min(kernel_size, reach)
+    assert central_taps(weight, 64, 64) is weight
+    assert central_taps(weight, *size, dilation=3).shape[-1] == min(kernel_size, 2 * ((max(size) - 1) // 3) + 1)
+
+
+def test_a_small_input_through_the_dilated_reparam_block_matches_every_branch_in_full():
+    from backbones.unireplknet import DilatedReparamBlock
+
+    torch.manual_seed(0)
+    block = DilatedReparamBlock(6, 13).double().train()
+    for size in [(1, 1), (2, 2), (3, 2), (5, 5)]:
+        x = torch.randn(4, 6, *size, dtype=torch.float64, requires_grad=True)
+        out = block(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+        # the same sum with every convolution at its full size
+        full = block.origin_bn(torch.nn.functional.conv2d(x, block.lk_origin.weight, padding=6, groups=6))
+        for k, r in zip(block.kernel_sizes, block.dilates, strict=True):
+            conv = getattr(block, f"dil_conv_k{k}_{r}")
+            full = full + getattr(block, f"dil_bn_k{k}_{r}")(conv(x))
+        expected = torch.autograd.grad(full.square().sum(), [x, *block.parameters()])
+        assert torch.allclose(out, full, rtol=1e-10, atol=1e-10)
+        for a, b in zip(grads, expected, strict=True):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)

@@ -104,8 +104,13 @@ def test_a_depthwise_backend_can_be_chosen_for_the_whole_model():
 
     register_backend("counting", counting)
     model = timm.create_model("unireplknet_a", depthwise_backend="counting").eval()
-    model(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
     assert sorted(set(calls)) == [3, 13] and len(calls) == 12  # 12 blocks: 4 with K=3, 8 with K=13
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))  # stages at 16, 8, 4 and 2 px: taps beyond the map are cut off
+    assert calls == [3, 3, 13, 13, 7, 7, 7, 7, 7, 7, 3, 3]
     model.set_depthwise_backend(None)
     assert all(m.backend is None for m in model.modules() if isinstance(m, DepthwiseConv2d))
     with pytest.raises(ConfigurationError, match="unknown depthwise backend 'cudnn9'"):

@@ -25,6 +25,13 @@ Which backend runs, first match wins:
 4. ``"auto"``: the measured policy of :mod:`backbones.ops.policy` (the benchmark's winner at the nearest measured
    shape), else ``torch``.
 
+Kernels wider than the input: a tap more than ``max(H, W) - 1`` pixels (times the dilation) from the centre only
+ever meets padding, so :func:`central_taps` cuts such a kernel to the taps that can reach the input before any
+backend runs: a 13x13 kernel on a 2x2 map becomes 3x3, on a 1x1 map a per-channel scale (computed as one). Outputs
+are unchanged and the cut-off taps get the zero gradient they would get anyway; small inputs (32x32 maps end at 1x1
+in the last stage) stop paying for 169-tap convolutions. Not under ``torch.compile`` tracing, where shapes may be
+symbolic.
+
 A backend that cannot run a call (Triton missing or failing to compile, a CPU tensor for Triton, ...) falls back to
 ``torch`` with one warning, never an error. Under ``torch.compile`` tracing and ONNX export only PyTorch's own
 backends are used, so graphs stay exportable.
@@ -51,6 +58,7 @@ from .policy import POLICY_ENV, current_policy
 __all__ = [
     "BACKEND_ENV",
     "DepthwiseConv2d",
+    "central_taps",
     "available_backends",
     "clear_decisions",
     "depthwise_conv2d",
@@ -252,6 +260,25 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise InputShapeError(f"depthwise conv expects bias ({channels},), got {tuple(bias.shape)}")
 
 
+def central_taps(weight: torch.Tensor, height: int, width: int, dilation: int = 1) -> torch.Tensor:
+    """The part of a depthwise kernel ``(C, 1, K, K)`` (odd ``K``, "same" padding, stride 1) that can touch an
+    ``H x W`` input: the central ``2 * h + 1`` taps per side with ``h = min(K // 2, (max(H, W) - 1) // dilation)``.
+    Convolving with it (padding ``dilation * h``) gives the same output as the whole kernel, and its gradient is the
+    whole kernel's gradient on those taps (the others' is zero). The weight itself (not a copy) when nothing is cut."""
+    kernel = weight.shape[-1]
+    half = min(kernel // 2, (max(height, width) - 1) // dilation)
+    cut = kernel // 2 - half
+    return weight if cut == 0 else weight[:, :, cut:kernel - cut, cut:kernel - cut]
+
+
+def _scaled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 depthwise convolution: ``x * weight (+ bias)`` per channel, in the dtype F.conv2d would compute in."""
+    dtype = _effective_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        out = x.to(dtype) * weight.to(dtype).view(1, -1, 1, 1)
+        return out if bias is None else out + bias.to(dtype).view(1, -1, 1, 1)
+
+
 def depthwise_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, backend: Optional[str] = None
 ) -> torch.Tensor:
@@ -267,6 +294,10 @@ def depthwise_conv2d(
         ``(B, C, H, W)``, the same spatial size as the input.
     """
     _check_shapes(x, weight, bias)
+    if not _tracing():
+        weight = central_taps(weight, x.shape[-2], x.shape[-1])
+        if weight.shape[-1] == 1:  # one tap left: a per-channel scale, far cheaper than a convolution
+            return _scaled(x, weight, bias)
     name = select_backend(x, weight, backend)
     if name == "torch":
         return _torch_backend(x, weight, bias)
