@@ -132,6 +132,29 @@ def test_a_constant_series_is_forecast_as_that_constant():
                           + context["mean"][0, 0, 0], rtol=1e-5)
 
 
+def test_without_normalisation_level_and_amplitude_reach_the_map():
+    adapter = TimeSeriesAdapter(num_variables=2, task="forecasting", length=32, horizon=4, normalization="none")
+    with torch.no_grad():
+        adapter.affine_weight.copy_(torch.tensor([2.0, -0.5]))
+        adapter.affine_bias.copy_(torch.tensor([0.25, 1.0]))
+    values = torch.randn(3, 32, 2) * torch.tensor([3.0, 0.1]) + torch.tensor([10.0, -4.0])
+    normalised, stats = adapter.normalize(values)
+    assert torch.equal(normalised, values * adapter.affine_weight + adapter.affine_bias)
+    assert torch.all(stats["mean"] == 0) and torch.all(stats["scale"] == 1)
+    assert torch.allclose(denormalize(normalised, stats), values, atol=1e-5)
+    # two samples that differ only in level give one map with instance normalisation and two without
+    batch = torch.zeros(2, 32, 2 + NUM_TIME_FEATURES)
+    batch[:, :, :2] = torch.sin(torch.arange(32.0) / 4).view(1, 32, 1)
+    batch[1, :, :2] += 5.0
+    instance = TimeSeriesAdapter(num_variables=2, length=32)
+    plain = TimeSeriesAdapter(num_variables=2, length=32, normalization="none")
+    maps = instance(batch)
+    assert torch.allclose(maps[0], maps[1], atol=1e-5)
+    maps = plain(batch)
+    assert (maps[0] - maps[1]).abs().max() > 1
+    assert TimeSeriesAdapter(**plain.config).normalization == "none"
+
+
 def test_zero_series_and_denormalize_checks_shapes():
     adapter = TimeSeriesAdapter(num_variables=1, task="forecasting", length=32, horizon=4)
     maps, context = adapter.encode(torch.zeros(2, 32, 1 + NUM_TIME_FEATURES))
@@ -466,6 +489,7 @@ def test_wrong_number_of_columns_names_them(tmp_path):
     ({"task": "forecasting", "horizon": 0}, "horizon must be an integer >= 1"),
     ({"fill": "mean"}, "fill must be one of"),
     ({"length_mode": "stretch"}, "length_mode must be one of"),
+    ({"normalization": "batch"}, "normalization must be one of"),
     ({"num_variables": 2, "static_features": [[1.0, 2.0]]}, r"static_features must be a \(num_variables=2, S\)"),
     ({"num_variables": 2, "value_columns": ["a"]}, "value_columns must name num_variables=2"),
     ({"dropout": 1.0}, "dropout must be a number"),
