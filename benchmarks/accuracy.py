@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    from uniperception.demo import format_results, run_demo
+    from uniperception.demo import format_results, report_floors, run_demo
 
     started, clock = time.strftime("%Y-%m-%d"), time.perf_counter()
     results: Dict[str, Dict[str, Any]] = {}
@@ -158,13 +158,7 @@ def main(argv=None) -> int:
         results[result["run"]] = result
         print(format_results([result]).splitlines()[1], flush=True)
         write_results(Path(args.results), results, started, time.perf_counter() - clock)
-    demos = [r for r in results.values() if r["part"] == "demos"]
-    print(format_results(demos))
-    missed = [r["dataset"] for r in demos if r["passed"] is False]
-    if missed:
-        print(f"below the floor: {', '.join(missed)}", file=sys.stderr)
-        return 1
-    return 0
+    return report_floors([r for r in results.values() if r["part"] == "demos"])
 
 
 if __name__ == "__main__":

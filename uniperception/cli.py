@@ -296,7 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import datasets
-    from .demo import DEFAULT_DATASETS, DEMOS, format_results, run_demo
+    from .demo import DEFAULT_DATASETS, DEMOS, format_results, report_floors, run_demo
     from .errors import UniPerceptionError
 
     if args.list:
@@ -324,12 +324,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         results.append(result)
         print(format_results([result]).splitlines()[1], flush=True)
     print()
-    print(format_results(results))
-    failed = [r["dataset"] for r in results if r["passed"] is False]
-    if failed:
-        print(f"below the floor: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return report_floors(results)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,7 +31,7 @@ import torch
 
 from .errors import UniPerceptionError
 
-__all__ = ["DEMOS", "DEFAULT_DATASETS", "DemoSettings", "format_results", "run_demo"]
+__all__ = ["DEMOS", "DEFAULT_DATASETS", "DemoSettings", "format_results", "report_floors", "run_demo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,3 +168,14 @@ def format_results(results: List[Dict[str, Any]]) -> str:
         lines.append(f"{r['dataset']:<17} {r['modality']:<12} {score:>9} {base:>9} {floor:>9}  {verdict:<6} "
                      f"{r['seconds']:>6.0f}s  {r['baseline_name']}" + (" (MASE)" if r["metric"] == "mase" else ""))
     return "\n".join(lines)
+
+
+def report_floors(results: List[Dict[str, Any]]) -> int:
+    """Print the table of ``results`` and, on standard error, the demos below their floor; returns the exit status
+    (1 when a demo missed its floor, else 0)."""
+    print(format_results(results))
+    missed = [r["dataset"] for r in results if r["passed"] is False]
+    if missed:
+        print(f"below the floor: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
