@@ -23,6 +23,11 @@ Map layout
     square and unpadded, unless that ``d`` exceeds twice the lower bound, in which case ``d`` is the lower bound and
     the map is padded. ``L = 96`` gives ``d_model = 96`` and a 96x96 map, ``L = 48`` gives 75 and 60x60, and the
     paper's ``L = 48, d_model = 768`` gives 192x192. Maps are at least 32x32, the backbone's smallest input.
+    When ``W`` is a multiple of ``d_model`` every column holds one embedding channel, so vertically adjacent cells are
+    the same channel ``W / d_model`` steps apart; with ``W = d_model`` (``L = 64, min_d_model = 64`` gives 64x64) each
+    row is one time step. Otherwise a row ends mid-step and a column mixes channels. On ArrowHead (UCR, 30 training
+    series) UniRepLKNet-A reached 60.6% test accuracy with ``L = 251, d_model = 16`` (64x63, 3.9 steps per row) and
+    74.3% with the series resampled to ``L = 64, min_d_model = 64``, all else equal.
 
 Constant series
     A variable whose standard deviation over the window is at most ``1e-6`` of its largest magnitude (or that is all

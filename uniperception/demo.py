@@ -61,11 +61,15 @@ DEMOS: Dict[str, DemoSettings] = {s.dataset: s for s in [
     # the UCR/UEA sets are tiny (30-216 training series, 6-54 for validation): the last epoch, not a noisy best
     DemoSettings("gunpoint", dict(length=150, min_d_model=16),
                  dict(epochs=60, batch_size=8, lr=2e-3, warmup_epochs=2, select="last"), floor=None),
-    DemoSettings("arrowhead", dict(length=251, min_d_model=16),
-                 dict(epochs=60, batch_size=8, lr=2e-3, warmup_epochs=2, select="last"), floor=None),
+    # 30 series: resampled to 64 steps of width 64, so each map row is one time step; mixup and drop path
+    DemoSettings("arrowhead", dict(length=64, length_mode="resample", min_d_model=64),
+                 dict(epochs=60, batch_size=8, lr=2e-3, warmup_epochs=2, mixup=0.2, select="last"), floor=None,
+                 drop_path=0.1),
     DemoSettings("basic_motions", dict(length=100, num_variables=6, min_d_model=16),
                  dict(epochs=60, batch_size=8, lr=2e-3, warmup_epochs=2, select="last"), floor=None),
-    DemoSettings("japanese_vowels", dict(length=32, num_variables=12, length_mode="resample", min_d_model=16),
+    # speakers differ in the levels of their cepstral coefficients: instance normalisation would remove them
+    DemoSettings("japanese_vowels", dict(length=32, num_variables=12, length_mode="resample", min_d_model=16,
+                                         normalization="none"),
                  dict(epochs=30, batch_size=16, lr=2e-3, warmup_epochs=1, select="last"), floor=None),
     DemoSettings("co2", dict(length=104, horizon=52, min_d_model=16),
                  dict(epochs=10, batch_size=32, lr=1e-3, warmup_epochs=1), floor=1.0, stride=4),
