@@ -7,7 +7,8 @@ the paper's kernel-size ablation. Writes RESULTS.md.
     python benchmarks/accuracy.py --reuse              # keep runs whose results.json already exists
 
 Every run is ``uniperception.demo.run_demo`` with the demo's settings (UniRepLKNet-A from scratch), so the numbers
-are what ``uniperception demo`` gives. The exit status is 1 when a demo misses its floor.
+are what ``uniperception demo`` gives. The exit status is 1 when a demo misses its floor. The tables of the results
+file are rewritten on every run; a section headed "## Reading these numbers" at its end (written by hand) is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 QUICK = ["digits", "co2"]  # the floors CI checks: cheap, and met with a margin
 KERNELS = [3, 7, 13]
+READING = "## Reading these numbers"
 
 
 def kernel_plan(k: int):
@@ -79,18 +81,22 @@ def percent(value: float) -> str:
     return "-" if value != value else f"{100 * value:.1f}%"
 
 
-def write_results(path: Path, results: Dict[str, Dict[str, Any]], started: str, seconds: float) -> None:
+def write_results(path: Path, results: Dict[str, Dict[str, Any]]) -> None:
     from uniperception.demo import DEMOS
 
+    days = sorted({r["measured"][:10] for r in results.values()})
+    total = sum(r["seconds"] for r in results.values())
     lines = ["# Results", "",
-             f"Measured by `python benchmarks/accuracy.py` on {started}: {machine()}. Total {seconds / 60:.0f} min.",
+             f"Measured by `python benchmarks/accuracy.py` on {' and '.join(days)} ({machine()}); the runs took "
+             f"{total / 60:.0f} min in all, each row's time and finishing time are its own (`--reuse` keeps earlier "
+             "runs).",
              "Every model is UniRepLKNet-A trained from scratch with the settings of `uniperception.demo.DEMOS` "
              "(one run, seed 0); scores are on the test split.", ""]
     demos = [r for r in results.values() if r["part"] == "demos"]
     if demos:
         lines += ["## Demos against their baselines and floors", "",
-                  "| dataset | modality | test | baseline | floor | met | epochs | time |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| dataset | modality | test | baseline | floor | met | epochs | time | finished (UTC) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in demos:
             if r["metric"] == "top1":
                 test, base, floor = percent(r["score"]), f"{percent(r['baseline'])} ({r['baseline_name']})", \
@@ -99,9 +105,12 @@ def write_results(path: Path, results: Dict[str, Dict[str, Any]], started: str, 
                 test = f"MASE {r['score']:.3f} (MAE {r['mae']:.3g})"
                 base, floor = f"MASE 1 (MAE {r['naive_mae']:.3g}, {r['baseline_name']})", f"MASE < {r['floor']:g}"
             lines.append(f"| {r['dataset']} | {r['modality']} | {test} | {base} | {floor} | "
-                         f"{'yes' if r['passed'] else 'NO'} | {r['epochs']} | {r['seconds'] / 60:.1f} min |")
-        lines += ["", "Settings: " + "; ".join(f"{name}: {s.adapter}, {s.train}" for name, s in DEMOS.items()
-                                              if name in {r['dataset'] for r in demos}), ""]
+                         f"{'yes' if r['passed'] else 'NO'} | {r['epochs']} | {r['seconds'] / 60:.1f} min | "
+                         f"{r['measured']} |")
+        lines += ["", "Settings: " + "; ".join(f"{name}: {s.adapter}, {s.train}"
+                                              + (f", drop path {s.drop_path}" if s.drop_path else "")
+                                              for name, s in DEMOS.items() if name in {r['dataset'] for r in demos}),
+                  ""]
     layouts = [r for r in results.values() if r["part"] == "layouts"]
     if layouts and "moving_digits" in results and "moving_digits_reshape" not in results:
         layouts.insert(0, results["moving_digits"])
@@ -128,7 +137,10 @@ def write_results(path: Path, results: Dict[str, Dict[str, Any]], started: str, 
             cells.append(percent(convnext["score"]) if convnext else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    path.write_text("\n".join(lines))
+    # the hand-written reading of the numbers, when the file has one, stays at the end
+    previous = path.read_text() if path.is_file() else ""
+    reading = previous[previous.index(READING):] if READING in previous else ""
+    path.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
 
 
 def main(argv=None) -> int:
@@ -143,7 +155,6 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     from uniperception.demo import format_results, report_floors, run_demo
 
-    started, clock = time.strftime("%Y-%m-%d"), time.perf_counter()
     results: Dict[str, Dict[str, Any]] = {}
     for spec in runs(args.part, args.quick):
         spec = dict(spec)
@@ -155,9 +166,10 @@ def main(argv=None) -> int:
             print(f"== {spec['run_name']}", flush=True)
             result = run_demo(spec.pop("name"), args.output, progress=False, **spec)
         result["part"] = part
+        result["measured"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(saved.stat().st_mtime))
         results[result["run"]] = result
         print(format_results([result]).splitlines()[1], flush=True)
-        write_results(Path(args.results), results, started, time.perf_counter() - clock)
+        write_results(Path(args.results), results)
     return report_floors([r for r in results.values() if r["part"] == "demos"])
 
 

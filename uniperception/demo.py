@@ -143,7 +143,8 @@ def run_demo(name: str, output: str = "runs/demo", quick: bool = False, epochs: 
             reference.cache = train_data.cache  # preprocessed once already (the cache holds them unaugmented)
         reached = evaluate_baseline(kind, reference, test, modality_adapter) if baseline else float("nan")
         floor = settings.floor if settings.floor is not None else reached
-        result.update(metric="top1", score=metrics["top1"], baseline=reached, baseline_name=kind, floor=floor,
+        result.update(metric="top1", score=metrics["top1"], baseline=reached,
+                      baseline_name=kind if baseline else "(not fitted)", floor=floor,
                       passed=None if floor != floor else metrics["top1"] >= floor,  # NaN: no baseline, no floor
                       top5=metrics.get("top5"), macro=metrics.get("macro_accuracy"))
     else:
@@ -164,7 +165,8 @@ def format_results(results: List[Dict[str, Any]]) -> str:
              "baseline"]
     for r in results:
         if r["metric"] == "top1":
-            score, base = f"{100 * r['score']:.1f}%", f"{100 * r['baseline']:.1f}%"
+            score = f"{100 * r['score']:.1f}%"
+            base = "-" if r["baseline"] != r["baseline"] else f"{100 * r['baseline']:.1f}%"  # NaN: not fitted
             floor = f">={100 * r['floor']:.1f}%"
         else:
             score, base, floor = f"{r['score']:.3f}", f"{r['baseline']:.3f}", f"<{r['floor']:.2f}"
