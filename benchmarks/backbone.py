@@ -1,29 +1,30 @@
-"""CPU throughput benchmark: UniRepLKNet-A/T against timm's ConvNeXt peers.
+"""CPU throughput benchmark: UniRepLKNet-A/T against timm's ConvNeXt peers, each in its fastest way.
 
-What is measured, all in one process so the numbers sit side by side:
+What is measured, all in one process so the numbers sit side by side (224 px, float32, random weights):
 
-* images/s at 224x224 px for ``unireplknet_a`` and ``unireplknet_t`` in four modes:
-  ``eval``      train form, ``model.eval()`` under ``torch.inference_mode``;
-  ``deploy``    the same model after ``model.reparameterize()`` (deploy form);
-  ``deploy+cl`` deploy form with channels-last weights and input;
-  ``train``     one training step (``model.train()``, forward + cross-entropy + backward + AdamW step, train form);
-* timm's ``convnextv2_atto``, ``convnextv2_tiny`` and ``convnext_tiny`` (random init) in ``eval``, ``eval+cl``
-  (channels-last) and ``train``;
+* inference at every ``--batch-sizes`` (default 1 and 16), each model in every ``--variants`` way:
+  ``eager`` (NCHW), ``eager+cl`` (channels-last weights and input), ``compiled`` and ``compiled+cl``
+  (``torch.compile``, inductor, one compilation per batch size, compile time excluded). UniRepLKNet runs in its
+  deploy form (``model.reparameterize()``); its train form in eval mode is one more row (``train form``), so the
+  deploy speed-up shows. "Plain" is the eager NCHW row of the same model, form and batch: for UniRepLKNet the plain
+  eager deploy form;
+* training steps (forward + cross-entropy + backward + AdamW step) at ``--train-batch-size``: UniRepLKNet-A and -T
+  in every ``--train-variants`` way (eager, eager+cl, compiled), the peers eager only;
 * the machine's float32 matrix-multiply rate: best of several 2048x2048 ``torch.mm`` at torch's thread count.
 
-For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9, and its fraction of the matmul rate.
-Forward FLOPs are counted once per model form (train form; deploy form, which has fewer) by
-``torch.utils.flop_counter.FlopCounterMode`` on one image (a multiply-add counts as 2 FLOPs; only conv and
-matmul ops are counted). A training step is credited 3x the forward FLOPs (forward + backward).
+For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
+of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
+image (a multiply-add counts as 2 FLOPs; only conv and matmul ops are counted). A second table keeps each model's
+fastest way per batch, and the last lists the CPU speed targets (met or not, with the numbers).
 
-Timing: ``--warmup`` untimed iterations, then iterations until both ``--min-time`` seconds and ``--min-iters``
-iterations are reached; img/s = batch size / median iteration time (``time.perf_counter``). "vs eval" is the
-speed ratio to the same model's ``eval`` row (for UniRepLKNet ``deploy`` rows: the deploy speed-up).
+Timing: ``--warmup`` untimed iterations (the first compiles), then iterations until both ``--min-time`` seconds and
+``--min-iters`` iterations are reached; img/s = batch size / median iteration time (``time.perf_counter``).
 
-Run from the repository root (takes minutes; keep the machine otherwise idle)::
+Run from the repository root (compiling takes most of the time: tens of minutes on 2 cores; keep the machine idle)::
 
     python benchmarks/backbone.py --output benchmarks/results/backbone_cpu.md
-    python benchmarks/backbone.py --quick            # smoke run: 64 px, batch 2, 0.2 s per measurement
+    python benchmarks/backbone.py --variants eager eager+cl --train-variants eager   # no compilation
+    python benchmarks/backbone.py --quick            # smoke run: 64 px, batch 2, eager only, 0.2 s per measurement
 """
 
 import argparse
@@ -52,6 +53,8 @@ import timm
 UNIREPLKNET_MODELS = ("unireplknet_a", "unireplknet_t")
 PEER_MODELS = ("convnextv2_atto", "convnextv2_tiny", "convnext_tiny")
 ALL_MODELS = UNIREPLKNET_MODELS + PEER_MODELS
+VARIANTS = ("eager", "eager+cl", "compiled", "compiled+cl")
+TRAIN_VARIANTS = ("eager", "eager+cl", "compiled")
 TRAIN_FLOP_FACTOR = 3
 MATMUL_SIZE = 2048
 
@@ -59,12 +62,14 @@ MATMUL_SIZE = 2048
 @dataclass
 class Result:
     model: str
-    mode: str
+    form: str  # "deploy", "train form" (eval mode), "model" (peers), "training"
+    variant: str
+    batch: int
     params_m: float
     forward_gflops: float  # per image, of the form measured
     images_per_s: float
     flop_factor: int = 1
-    vs_eval: Optional[float] = None
+    vs_plain: Optional[float] = None
 
     @property
     def achieved_gflops(self) -> float:
@@ -104,105 +109,190 @@ def median_iteration_time(step: Callable[[], None], warmup: int, min_time: float
 
 def forward_gflops(model: torch.nn.Module, image_size: int) -> float:
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    with torch.no_grad(), counter:
         model(torch.randn(1, 3, image_size, image_size))
     return counter.get_total_flops() / 1e9
 
 
-def inference_step(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
+def in_layout(tensor: torch.Tensor, variant: str) -> torch.Tensor:
+    return tensor.contiguous(memory_format=torch.channels_last) if variant.endswith("+cl") else tensor.contiguous()
+
+
+def runnable(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """The model laid out and (for ``compiled`` variants) wrapped as ``variant`` says; a fresh compilation."""
+    model = model.to(memory_format=torch.channels_last if variant.endswith("+cl") else torch.contiguous_format)
+    if variant.startswith("compiled"):
+        torch._dynamo.reset()
+        return torch.compile(model, dynamic=False)
+    return model
+
+
+def inference_step(model: Callable, images: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode():
+        with torch.no_grad():
             model(images)
 
     return step
 
 
-def training_step(model: torch.nn.Module, images: torch.Tensor, num_classes: int) -> Callable[[], None]:
+def training_step(model: torch.nn.Module, images: torch.Tensor, num_classes: int,
+                  variant: str = "eager") -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     labels = torch.randint(0, num_classes, (images.shape[0],))
+    forward = runnable(model, variant)
+    images = in_layout(images, variant)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        F.cross_entropy(forward(images), labels).backward()
         optimizer.step()
 
     return step
 
 
 def benchmark_model(name: str, args: argparse.Namespace) -> List[Result]:
-    """Measure every mode of one model; returns its rows in table order."""
+    """Measure every way of running one model; returns its rows in table order."""
     size = args.image_size
-    images = torch.randn(args.batch_size, 3, size, size)
-    images_cl = images.contiguous(memory_format=torch.channels_last)
     timing = dict(warmup=args.warmup, min_time=args.min_time, min_iters=args.min_iters)
     results: List[Result] = []
+    is_unireplknet = name in UNIREPLKNET_MODELS
 
-    def measure(mode: str, model, step, batch: int, flop_factor: int = 1, gflops: Optional[float] = None) -> None:
-        gflops = forward_gflops(model, size) if gflops is None else gflops
+    def measure(form: str, variant: str, batch: int, params: float, gflops: float, step, flop_factor: int = 1):
         seconds = median_iteration_time(step, **timing)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        results.append(Result(name, mode, params, gflops, batch / seconds, flop_factor))
-        print(f"  {name:<16} {mode:<10} {batch / seconds:9.1f} img/s", file=sys.stderr, flush=True)
+        results.append(Result(name, form, variant, batch, params, gflops, batch / seconds, flop_factor))
+        print(f"  {name:<16} {form:<10} {variant:<12} batch {batch:<4} {batch / seconds:9.1f} img/s",
+              file=sys.stderr, flush=True)
 
     model = timm.create_model(name, pretrained=False).eval()
     train_form_gflops = forward_gflops(model, size)
-    measure("eval", model, inference_step(model, images), args.batch_size, gflops=train_form_gflops)
-    is_unireplknet = name in UNIREPLKNET_MODELS
+    train_form_params = sum(p.numel() for p in model.parameters()) / 1e6
     if is_unireplknet:
+        for batch in args.batch_sizes:
+            images = torch.randn(batch, 3, size, size)
+            measure("train form", "eager", batch, train_form_params, train_form_gflops, inference_step(model, images))
         model.reparameterize()
-        measure("deploy", model, inference_step(model, images), args.batch_size)
-    model = model.to(memory_format=torch.channels_last)
-    measure("deploy+cl" if is_unireplknet else "eval+cl", model, inference_step(model, images_cl), args.batch_size)
+    form = "deploy" if is_unireplknet else "model"
+    gflops = forward_gflops(model, size)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    for variant in args.variants:
+        for batch in args.batch_sizes:
+            images = in_layout(torch.randn(batch, 3, size, size), variant)
+            measure(form, variant, batch, params, gflops, inference_step(runnable(model, variant), images))
     del model
 
-    model = timm.create_model(name, pretrained=False)
-    train_images = torch.randn(args.train_batch_size, 3, size, size)
-    step = training_step(model, train_images, model.num_classes)
-    measure("train", model, step, args.train_batch_size, TRAIN_FLOP_FACTOR, gflops=train_form_gflops)
+    train_variants = args.train_variants if is_unireplknet else [v for v in args.train_variants if v == "eager"]
+    for variant in train_variants:
+        model = timm.create_model(name, pretrained=False)
+        images = torch.randn(args.train_batch_size, 3, size, size)
+        measure("training", variant, args.train_batch_size, train_form_params, train_form_gflops,
+                training_step(model, images, model.num_classes, variant), TRAIN_FLOP_FACTOR)
+        del model
+    torch._dynamo.reset()
 
-    eval_rate = results[0].images_per_s
-    for result in results:
-        if result.mode != "train":
-            result.vs_eval = result.images_per_s / eval_rate
+    plain = {(r.form if r.form != "train form" else form, r.batch): r.images_per_s for r in results
+             if r.variant == "eager" and r.form != "train form"}
+    for r in results:
+        reference = plain.get((r.form if r.form != "train form" else form, r.batch))
+        r.vs_plain = None if reference is None else r.images_per_s / reference
     return results
 
 
-def format_table(results: List[Result], matmul_rate: float, markdown: bool) -> str:
-    header = ["model", "params (M)", "GFLOPs/img", "mode", "img/s", "achieved GFLOP/s", "of matmul", "vs eval"]
-    rows = [
-        [
-            r.model, f"{r.params_m:.2f}", f"{r.forward_gflops:.3f}", r.mode, f"{r.images_per_s:.1f}",
-            f"{r.achieved_gflops:.1f}", f"{r.achieved_gflops / matmul_rate:.1%}",
-            f"{r.vs_eval:.2f}x" if r.vs_eval is not None else "-",
-        ]
-        for r in results
-    ]
+def format_table(header: List[str], rows: List[List[str]], markdown: bool, left=(0, 1, 3)) -> str:
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if i in (0, 3) else "---:" for i in range(len(header))) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join(":---" if i in left else "---:" for i in range(len(header))) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows])
+
+    def line(row):
+        cells = enumerate(zip(row, widths, strict=True))
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in cells)
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows])
+
+
+def results_table(results: List[Result], matmul_rate: float, markdown: bool) -> str:
+    header = ["model", "form", "batch", "way", "params (M)", "GFLOPs/img", "img/s", "achieved GFLOP/s", "of matmul",
+              "vs plain"]
+    rows = [[r.model, r.form, str(r.batch), r.variant, f"{r.params_m:.2f}", f"{r.forward_gflops:.3f}",
+             f"{r.images_per_s:.1f}", f"{r.achieved_gflops:.1f}", f"{r.achieved_gflops / matmul_rate:.1%}",
+             f"{r.vs_plain:.2f}x" if r.vs_plain is not None else "-"] for r in results]
+    return format_table(header, rows, markdown)
+
+
+def fastest(results: List[Result], model: str, form: str, batch: Optional[int] = None) -> Optional[Result]:
+    rows = [r for r in results if r.model == model and r.form == form and (batch is None or r.batch == batch)]
+    return max(rows, key=lambda r: r.images_per_s) if rows else None
+
+
+def fastest_table(results: List[Result], matmul_rate: float, markdown: bool) -> str:
+    header = ["model", "form", "batch", "fastest way", "img/s", "of matmul", "vs plain"]
+    rows = []
+    for model in dict.fromkeys(r.model for r in results):
+        for form in ("deploy", "model", "training"):
+            for batch in dict.fromkeys(r.batch for r in results if r.model == model and r.form == form):
+                best = fastest(results, model, form, batch)
+                rows.append([model, form, str(batch), best.variant, f"{best.images_per_s:.1f}",
+                             f"{best.achieved_gflops / matmul_rate:.1%}",
+                             f"{best.vs_plain:.2f}x" if best.vs_plain is not None else "-"])
+    return format_table(header, rows, markdown)
+
+
+def targets(results: List[Result], matmul_rate: float) -> List[str]:
+    """The float32 CPU targets, each as one line: met or unmet, with its numbers (skipped when not measured)."""
+    lines = []
+
+    def check(text: str, value: float, goal: float) -> None:
+        lines.append(f"{'met' if value >= goal else 'UNMET'}: {text} ({value:.2f}, target >= {goal:g})")
+
+    def plain(model: str, form: str, batch: int) -> Optional[Result]:
+        return next((r for r in results if (r.model, r.form, r.batch, r.variant) == (model, form, batch, "eager")),
+                    None)
+
+    t16, t16_plain = fastest(results, "unireplknet_t", "deploy", 16), plain("unireplknet_t", "deploy", 16)
+    if t16 and t16_plain:
+        check(f"UniRepLKNet-T batch 16, fastest ({t16.variant}) over plain eager deploy",
+              t16.images_per_s / t16_plain.images_per_s, 1.4)
+        check(f"UniRepLKNet-T batch 16 ({t16.variant}), fraction of the matmul rate", t16.achieved_gflops / matmul_rate,
+              0.8)
+    peer = fastest(results, "convnextv2_tiny", "model", 16)
+    if t16 and peer:
+        check(f"UniRepLKNet-T batch 16 img/s over convnextv2_tiny's fastest ({peer.variant})",
+              t16.images_per_s / peer.images_per_s, 1.0)
+    a16, atto = fastest(results, "unireplknet_a", "deploy", 16), fastest(results, "convnextv2_atto", "model", 16)
+    if a16 and atto:
+        check(f"UniRepLKNet-A batch 16 img/s over convnextv2_atto's fastest ({atto.variant})",
+              a16.images_per_s / atto.images_per_s, 1.0)
+    t1, t1_plain = fastest(results, "unireplknet_t", "deploy", 1), plain("unireplknet_t", "deploy", 1)
+    if t1 and t1_plain:
+        check(f"UniRepLKNet-T batch-1 latency, plain eager deploy over fastest ({t1.variant})",
+              t1.images_per_s / t1_plain.images_per_s, 1.3)
+    for model in UNIREPLKNET_MODELS:
+        best = fastest(results, model, "training")
+        base = next((r for r in results if r.model == model and r.form == "training" and r.variant == "eager"), None)
+        if best and base:
+            check(f"{model} training step, fastest ({best.variant}) over plain eager train form",
+                  best.images_per_s / base.images_per_s, 1.3)
+    return lines
 
 
 def notes(args: argparse.Namespace) -> List[str]:
     return [
-        f"Input {args.image_size}x{args.image_size} px, float32, random weights; inference batch {args.batch_size}, "
-        f"training batch {args.train_batch_size}; median of >= {args.min_iters} iterations and >= {args.min_time} s "
-        f"after {args.warmup} warm-up iteration(s).",
-        "GFLOPs/img: forward FLOPs of the measured form (FlopCounterMode, multiply-add = 2 FLOPs). "
-        f"`train` rows (forward + cross-entropy + backward + AdamW step) credit {TRAIN_FLOP_FACTOR}x the forward "
-        "FLOPs in achieved GFLOP/s.",
-        "`+cl`: channels-last weights and input. `vs eval`: speed ratio to the model's train-form `eval` row "
-        "(UniRepLKNet `deploy`: the deploy speed-up).",
+        f"Input {args.image_size}x{args.image_size} px, float32, random weights; inference batch "
+        f"{' and '.join(map(str, args.batch_sizes))}, training batch {args.train_batch_size}; median of >= "
+        f"{args.min_iters} iterations and >= {args.min_time} s after {args.warmup} warm-up iteration(s).",
+        "GFLOPs/img: forward FLOPs of the measured form (FlopCounterMode, multiply-add = 2 FLOPs). Training rows "
+        f"(forward + cross-entropy + backward + AdamW step, train form) credit {TRAIN_FLOP_FACTOR}x the forward FLOPs.",
+        "Ways: `eager` NCHW, `+cl` channels-last weights and input, `compiled` torch.compile (inductor, static "
+        "shapes). `vs plain`: speed ratio to the same model's eager NCHW row at that batch (UniRepLKNet: its "
+        "deploy form; so the `train form` rows show the deploy speed-up inverted).",
     ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, help="inference batch size (default 16; --quick: 2)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="inference batch sizes (default 1 16; --quick: 2)")
     parser.add_argument("--train-batch-size", type=int, help="training-step batch size (default 8; --quick: 2)")
     parser.add_argument("--image-size", type=int, help="input side in px (default 224; --quick: 64)")
     parser.add_argument("--min-time", type=float, help="minimum seconds per measurement (default 2; --quick: 0.2)")
@@ -210,15 +300,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 3; --quick: 1)")
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=list(ALL_MODELS), metavar="MODEL",
                         help=f"subset of: {' '.join(ALL_MODELS)}")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="inference ways (default all; --quick: eager)")
+    parser.add_argument("--train-variants", nargs="+", choices=TRAIN_VARIANTS,
+                        help="training ways of UniRepLKNet (default all; --quick: eager); peers train eager only")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--output", type=Path, help="write a Markdown section with the results to this file")
     args = parser.parse_args(argv)
-    defaults = dict(batch_size=(16, 2), train_batch_size=(8, 2), image_size=(224, 64), min_time=(2.0, 0.2),
-                    min_iters=(5, 3), warmup=(3, 1))
+    defaults = dict(batch_sizes=([1, 16], [2]), train_batch_size=(8, 2), image_size=(224, 64), min_time=(2.0, 0.2),
+                    min_iters=(5, 3), warmup=(3, 1), variants=(list(VARIANTS), ["eager", "eager+cl"]),
+                    train_variants=(list(TRAIN_VARIANTS), ["eager"]))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    if "eager" not in args.variants:
+        args.variants = ["eager", *args.variants]  # the plain reference every ratio needs
+    if "eager" not in args.train_variants:
+        args.train_variants = ["eager", *args.train_variants]
     return args
 
 
@@ -239,17 +337,26 @@ def main(argv=None) -> None:
     results: List[Result] = []
     for name in args.models:
         results.extend(benchmark_model(name, args))
+    goals = targets(results, matmul_rate)
 
-    print()
-    print(format_table(results, matmul_rate, args.markdown))
+    for markdown in ([False, True] if args.markdown else [False]):
+        print()
+        print(results_table(results, matmul_rate, markdown))
+        print()
+        print(fastest_table(results, matmul_rate, markdown))
     print("\n".join(f"* {note}" for note in notes(args)))
+    print("\n".join(goals))
 
     if args.output is not None:
         date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         section = ["## Backbone CPU throughput", ""]
         section += [f"- Date: {date}", *(f"- {fact}" for fact in facts), f"- Command: `{command}`", ""]
-        section += [format_table(results, matmul_rate, markdown=True), ""]
+        section += [results_table(results, matmul_rate, markdown=True), ""]
+        section += ["Fastest way per model, form and batch:", "",
+                    fastest_table(results, matmul_rate, markdown=True), ""]
         section += [f"- {note}" for note in notes(args)]
+        if goals:
+            section += ["", "Targets (float32):", "", *(f"- {goal}" for goal in goals)]
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text("\n".join(section) + "\n")
         print(f"\nwrote {args.output}")
