@@ -10,7 +10,11 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
   eager deploy form;
 * training steps (forward + cross-entropy + backward + AdamW step) at ``--train-batch-size``: UniRepLKNet-A and -T
   in every ``--train-variants`` way (eager, eager+cl, compiled), the peers eager only;
-* the machine's float32 matrix-multiply rate: best of several 2048x2048 ``torch.mm`` at torch's thread count.
+* the machine's float32 matrix-multiply rate: best of several 2048x2048 ``torch.mm`` at torch's thread count;
+* with ``--memory``: the peak memory of one training step of each ``--memory-models`` model at
+  ``--memory-batch-size`` (default UniRepLKNet-T at 32), with and without gradient checkpointing, each in a fresh
+  process: the process's peak resident memory during the step (``VmHWM``, reset through ``/proc/self/clear_refs``
+  just before it) minus its resident memory before it (model, optimizer and input already allocated).
 
 For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
 of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
@@ -29,10 +33,12 @@ Run from the repository root (compiling takes most of the time: tens of minutes 
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -277,6 +283,52 @@ def targets(results: List[Result], matmul_rate: float) -> List[str]:
     return lines
 
 
+def resident_bytes(field: str = "VmRSS") -> int:
+    """The process's resident memory now (``VmRSS``) or its peak since the last reset (``VmHWM``), from
+    ``/proc/self/status``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise SystemExit(f"memory: /proc/self/status has no {field}")
+
+
+def memory_child(name: str, batch: int, image_size: int, checkpointing: bool) -> None:
+    """In a fresh process: one training step; prints the step's peak memory above what was resident before it."""
+    model = timm.create_model(name, pretrained=False)
+    model.set_grad_checkpointing(checkpointing)
+    step = training_step(model, torch.randn(batch, 3, image_size, image_size), model.num_classes)
+    before = resident_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident memory
+    step()
+    peak = resident_bytes("VmHWM")
+    print(json.dumps({"model": name, "batch": batch, "checkpointing": checkpointing, "before": before,
+                      "peak": peak}))
+
+
+def memory_table(args: argparse.Namespace) -> str:
+    rows = []
+    for name in args.memory_models:
+        measured = {}
+        for checkpointing in (False, True):
+            done = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name, str(args.memory_batch_size), str(args.image_size),
+                 str(int(checkpointing))], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"memory measurement of {name} failed:\n{done.stderr[-2000:]}")
+            measured[checkpointing] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  {name:<16} memory, checkpointing {checkpointing}: "
+                  f"{(measured[checkpointing]['peak'] - measured[checkpointing]['before']) / 2**30:.2f} GiB",
+                  file=sys.stderr, flush=True)
+        plain, saved = (measured[c]["peak"] - measured[c]["before"] for c in (False, True))
+        rows.append([name, str(args.memory_batch_size), f"{plain / 2**30:.2f}", f"{saved / 2**30:.2f}",
+                     f"{1 - saved / plain:.0%}"])
+        goal = "met" if 1 - saved / plain >= 0.4 else "UNMET"
+        args.memory_goals.append(f"{goal}: {name} training-step peak memory at batch {args.memory_batch_size}, "
+                                 f"reduction with gradient checkpointing ({1 - saved / plain:.2f}, target >= 0.4)")
+    header = ["model", "batch", "step peak (GiB)", "with checkpointing (GiB)", "reduction"]
+    return format_table(header, rows, markdown=True, left=(0,))
+
+
 def notes(args: argparse.Namespace) -> List[str]:
     return [
         f"Input {args.image_size}x{args.image_size} px, float32, random weights; inference batch "
@@ -303,6 +355,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="inference ways (default all; --quick: eager)")
     parser.add_argument("--train-variants", nargs="+", choices=TRAIN_VARIANTS,
                         help="training ways of UniRepLKNet (default all; --quick: eager); peers train eager only")
+    parser.add_argument("--memory", action="store_true", help="also measure training-step peak memory")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory measurement")
+    parser.add_argument("--memory-models", nargs="+", choices=ALL_MODELS, default=["unireplknet_t"], metavar="MODEL")
+    parser.add_argument("--memory-batch-size", type=int, default=32)
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--output", type=Path, help="write a Markdown section with the results to this file")
@@ -323,6 +380,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
+    if args.memory_child:
+        name, batch, size, checkpointing = args.memory_child
+        memory_child(name, int(batch), int(size), bool(int(checkpointing)))
+        return
+    args.memory_goals = []
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else [sys.argv[0], *argv]))
     machine = f"{cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)"
     matmul_rate = matmul_gflops()
@@ -335,26 +397,35 @@ def main(argv=None) -> None:
     print("\n".join(facts), flush=True)
 
     results: List[Result] = []
-    for name in args.models:
+    for name in [] if args.memory_only else args.models:
         results.extend(benchmark_model(name, args))
-    goals = targets(results, matmul_rate)
+    memory = memory_table(args) if args.memory or args.memory_only else ""
+    goals = targets(results, matmul_rate) + args.memory_goals
 
-    for markdown in ([False, True] if args.markdown else [False]):
+    for markdown in ([False, True] if args.markdown and results else [False] if results else []):
         print()
         print(results_table(results, matmul_rate, markdown))
         print()
         print(fastest_table(results, matmul_rate, markdown))
-    print("\n".join(f"* {note}" for note in notes(args)))
+    if results:
+        print("\n".join(f"* {note}" for note in notes(args)))
+    if memory:
+        print()
+        print(memory)
     print("\n".join(goals))
 
     if args.output is not None:
         date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         section = ["## Backbone CPU throughput", ""]
         section += [f"- Date: {date}", *(f"- {fact}" for fact in facts), f"- Command: `{command}`", ""]
-        section += [results_table(results, matmul_rate, markdown=True), ""]
-        section += ["Fastest way per model, form and batch:", "",
-                    fastest_table(results, matmul_rate, markdown=True), ""]
-        section += [f"- {note}" for note in notes(args)]
+        if results:
+            section += [results_table(results, matmul_rate, markdown=True), ""]
+            section += ["Fastest way per model, form and batch:", "",
+                        fastest_table(results, matmul_rate, markdown=True), ""]
+            section += [f"- {note}" for note in notes(args)]
+        if memory:
+            section += ["", "Training-step peak memory (one fresh process per row: peak resident memory during the "
+                        "step minus resident memory before it):", "", memory]
         if goals:
             section += ["", "Targets (float32):", "", *(f"- {goal}" for goal in goals)]
         args.output.parent.mkdir(parents=True, exist_ok=True)

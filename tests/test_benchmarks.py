@@ -40,6 +40,22 @@ def test_backbone_benchmark_quick_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_backbone_benchmark_measures_training_memory_with_and_without_checkpointing(tmp_path):
+    report = tmp_path / "memory.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--memory-only", "--memory-models",
+         "unireplknet_a", "--memory-batch-size", "4", "--image-size", "64", "--output", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = report.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 4 |"))
+    plain, checkpointed = (float(cell) for cell in row.split("|")[3:5])
+    assert plain > 0 and checkpointed > 0  # a step allocates activations either way
+    assert "reduction with gradient checkpointing" in text
+
+
+@pytest.mark.slow
 def test_preprocess_benchmark_quick_run(tmp_path):
     report = tmp_path / "preprocess.md"
     done = subprocess.run(
