@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -196,10 +196,10 @@ def benchmark_model(name: str, args: argparse.Namespace) -> List[Result]:
         del model
     torch._dynamo.reset()
 
-    plain = {(r.form if r.form != "train form" else form, r.batch): r.images_per_s for r in results
-             if r.variant == "eager" and r.form != "train form"}
+    # the plain reference of a row: the eager row of its form and batch (train-form rows: the deploy form's)
+    plain = {(r.form, r.batch): r.images_per_s for r in results if r.variant == "eager" and r.form != "train form"}
     for r in results:
-        reference = plain.get((r.form if r.form != "train form" else form, r.batch))
+        reference = plain.get((form if r.form == "train form" else r.form, r.batch))
         r.vs_plain = None if reference is None else r.images_per_s / reference
     return results
 
@@ -252,14 +252,10 @@ def targets(results: List[Result], matmul_rate: float) -> List[str]:
     def check(text: str, value: float, goal: float) -> None:
         lines.append(f"{'met' if value >= goal else 'UNMET'}: {text} ({value:.2f}, target >= {goal:g})")
 
-    def plain(model: str, form: str, batch: int) -> Optional[Result]:
-        return next((r for r in results if (r.model, r.form, r.batch, r.variant) == (model, form, batch, "eager")),
-                    None)
-
-    t16, t16_plain = fastest(results, "unireplknet_t", "deploy", 16), plain("unireplknet_t", "deploy", 16)
-    if t16 and t16_plain:
-        check(f"UniRepLKNet-T batch 16, fastest ({t16.variant}) over plain eager deploy",
-              t16.images_per_s / t16_plain.images_per_s, 1.4)
+    # vs_plain is each row's speed over the eager row of its model, form and batch
+    t16 = fastest(results, "unireplknet_t", "deploy", 16)
+    if t16 and t16.vs_plain is not None:
+        check(f"UniRepLKNet-T batch 16, fastest ({t16.variant}) over plain eager deploy", t16.vs_plain, 1.4)
         check(f"UniRepLKNet-T batch 16 ({t16.variant}), fraction of the matmul rate", t16.achieved_gflops / matmul_rate,
               0.8)
     peer = fastest(results, "convnextv2_tiny", "model", 16)
@@ -270,16 +266,13 @@ def targets(results: List[Result], matmul_rate: float) -> List[str]:
     if a16 and atto:
         check(f"UniRepLKNet-A batch 16 img/s over convnextv2_atto's fastest ({atto.variant})",
               a16.images_per_s / atto.images_per_s, 1.0)
-    t1, t1_plain = fastest(results, "unireplknet_t", "deploy", 1), plain("unireplknet_t", "deploy", 1)
-    if t1 and t1_plain:
-        check(f"UniRepLKNet-T batch-1 latency, plain eager deploy over fastest ({t1.variant})",
-              t1.images_per_s / t1_plain.images_per_s, 1.3)
+    t1 = fastest(results, "unireplknet_t", "deploy", 1)
+    if t1 and t1.vs_plain is not None:
+        check(f"UniRepLKNet-T batch-1 latency, plain eager deploy over fastest ({t1.variant})", t1.vs_plain, 1.3)
     for model in UNIREPLKNET_MODELS:
         best = fastest(results, model, "training")
-        base = next((r for r in results if r.model == model and r.form == "training" and r.variant == "eager"), None)
-        if best and base:
-            check(f"{model} training step, fastest ({best.variant}) over plain eager train form",
-                  best.images_per_s / base.images_per_s, 1.3)
+        if best and best.vs_plain is not None:
+            check(f"{model} training step, fastest ({best.variant}) over plain eager train form", best.vs_plain, 1.3)
     return lines
 
 
@@ -305,8 +298,9 @@ def memory_child(name: str, batch: int, image_size: int, checkpointing: bool) ->
                       "peak": peak}))
 
 
-def memory_table(args: argparse.Namespace) -> str:
-    rows = []
+def memory_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
+    """The memory table (Markdown) and the checkpointing target line of each model."""
+    rows, goals = [], []
     for name in args.memory_models:
         measured = {}
         for checkpointing in (False, True):
@@ -323,10 +317,10 @@ def memory_table(args: argparse.Namespace) -> str:
         rows.append([name, str(args.memory_batch_size), f"{plain / 2**30:.2f}", f"{saved / 2**30:.2f}",
                      f"{1 - saved / plain:.0%}"])
         goal = "met" if 1 - saved / plain >= 0.4 else "UNMET"
-        args.memory_goals.append(f"{goal}: {name} training-step peak memory at batch {args.memory_batch_size}, "
+        goals.append(f"{goal}: {name} training-step peak memory at batch {args.memory_batch_size}, "
                                  f"reduction with gradient checkpointing ({1 - saved / plain:.2f}, target >= 0.4)")
     header = ["model", "batch", "step peak (GiB)", "with checkpointing (GiB)", "reduction"]
-    return format_table(header, rows, markdown=True, left=(0,))
+    return format_table(header, rows, markdown=True, left=(0,)), goals
 
 
 def notes(args: argparse.Namespace) -> List[str]:
@@ -384,7 +378,6 @@ def main(argv=None) -> None:
         name, batch, size, checkpointing = args.memory_child
         memory_child(name, int(batch), int(size), bool(int(checkpointing)))
         return
-    args.memory_goals = []
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else [sys.argv[0], *argv]))
     machine = f"{cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)"
     matmul_rate = matmul_gflops()
@@ -399,8 +392,8 @@ def main(argv=None) -> None:
     results: List[Result] = []
     for name in [] if args.memory_only else args.models:
         results.extend(benchmark_model(name, args))
-    memory = memory_table(args) if args.memory or args.memory_only else ""
-    goals = targets(results, matmul_rate) + args.memory_goals
+    memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
+    goals = targets(results, matmul_rate) + memory_goals
 
     for markdown in ([False, True] if args.markdown and results else [False] if results else []):
         print()
