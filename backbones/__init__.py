@@ -10,6 +10,7 @@ them::
 from .checkpoint import LoadReport, load_checkpoint, read_state_dict
 from .errors import BackboneError, CheckpointError, ConfigurationError, InputShapeError
 from .ops import DepthwiseConv2d, depthwise_conv2d
+from .runtime import keep_freed_memory, optimize_for_inference
 from .unireplknet import (
     VARIANTS,
     DilatedReparamBlock,
@@ -32,7 +33,9 @@ __all__ = [
     "UniRepLKNetBlock",
     "default_kernel_sizes",
     "depthwise_conv2d",
+    "keep_freed_memory",
     "load_checkpoint",
+    "optimize_for_inference",
     "read_state_dict",
     "weights_dir",
 ]

@@ -16,6 +16,10 @@ Every option of train, eval, predict, export and bench can also come from a YAML
 run.yaml``, keys named like the options, ``batch_size`` or ``batch-size``); options on the command line win.
 
 Run ``uniperception <command> --help`` for the options of each command.
+
+Every command lets ``malloc`` keep the large blocks each step frees for reuse (``backbones.keep_freed_memory``):
+faster on the CPU, at the price of the process keeping its peak memory. Set ``UNIPERCEPTION_KEEP_FREED_MEMORY=0``
+to leave the allocator as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,7 +37,11 @@ from typing import List, Optional
 
 import torch
 
+from backbones.runtime import keep_freed_memory
+
 __all__ = ["main", "build_parser"]
+
+KEEP_MEMORY_ENV = "UNIPERCEPTION_KEEP_FREED_MEMORY"
 
 
 def _count_parameters(model: torch.nn.Module) -> int:
@@ -734,6 +743,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import UniPerceptionError
 
     args = build_parser().parse_args(argv)
+    if os.environ.get(KEEP_MEMORY_ENV, "1") != "0":
+        # the CLI owns its process: let malloc reuse the large blocks each step frees (backbones.runtime)
+        keep_freed_memory(True)
     try:
         return args.func(args)
     except (BackboneError, ModalityError, UniPerceptionError) as exc:

@@ -1,0 +1,153 @@
+"""Running a backbone fast on the CPU: the allocator setting and the one call that applies every measured lever.
+
+Two levers that are not part of the model itself, both measured by ``benchmarks/backbone.py`` (numbers in
+``BENCHMARKS.md``):
+
+* **Keeping freed memory** (:func:`keep_freed_memory`). glibc's ``malloc`` serves blocks above its mmap threshold
+  (128 KiB, raised on the fly up to 32 MiB) with fresh pages and hands them back to the kernel when they are freed.
+  A UniRepLKNet-T forward at batch 16 allocates tens of such blocks (the expanded ``4C`` map of a 56x56 stage is
+  64 MiB), and every page of every one of them is faulted in and zeroed again on each call: on a 2-core machine a
+  GELU over a fresh 64 MiB buffer took 35 ms, over a reused one 7 ms. Raising the mmap and trim thresholds makes
+  ``malloc`` keep freed blocks for reuse. The price is that the process's resident memory stays at its peak instead
+  of shrinking after it; the setting is process-wide, so it is never applied on import, only when asked. Other ways
+  to the same end: ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...`` in the
+  environment, or a caching allocator such as jemalloc or tcmalloc through ``LD_PRELOAD``.
+* **Channels-last** weights and input, so the block's ``(B, C, H, W) -> (B, H, W, C)`` permutes before and after its
+  Linears are views rather than copies.
+
+:func:`optimize_for_inference` applies them together with the deploy form (and optionally ``torch.compile``)::
+
+    import backbones, timm, torch
+    model = backbones.optimize_for_inference(timm.create_model("unireplknet_t"))
+    with torch.inference_mode():
+        logits = model(images)          # images in any memory format: handed over channels-last
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import ctypes.util
+import logging
+import sys
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .errors import ConfigurationError
+
+__all__ = ["fast_ops_enabled", "keep_freed_memory", "keeping_freed_memory", "optimize_for_inference", "reference_ops"]
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h) and the thresholds used while freed memory is kept
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and are reused after free
+_KEEP_TRIM_THRESHOLD = (1 << 31) - 1  # never give the heap's free top back to the kernel
+_DEFAULT_THRESHOLD = 128 * 1024  # glibc's documented default for both
+
+_state = {"keeping": False}
+_FAST_OPS: contextvars.ContextVar[bool] = contextvars.ContextVar("backbones_fast_ops", default=True)
+
+
+def fast_ops_enabled() -> bool:
+    """False inside :func:`reference_ops`, else True."""
+    return _FAST_OPS.get()
+
+
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Run UniRepLKNet blocks with their straightforward ops inside this context.
+
+    Outside it (the default) a block at inference (no autograd, no tracing) runs GELU and GRN in place on its own
+    temporaries, fuses ``Linear1`` with GELU (oneDNN, float32 on the CPU), and takes GRN's norm of small maps as a
+    sum of squares. Inside it every block runs ``Linear -> GELU -> GRN -> Linear`` as separate out-of-place ops with
+    ``torch.linalg.vector_norm``: the reference the fast paths are tested against and the "plain" form the benchmark
+    measures them against. Per thread / async context (a ``ContextVar``).
+    """
+    token = _FAST_OPS.set(False)
+    try:
+        yield
+    finally:
+        _FAST_OPS.reset(token)
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # only glibc has it (musl does not)
+
+
+def keeping_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` is in effect in this process."""
+    return _state["keeping"]
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Make this process's ``malloc`` keep freed large blocks for reuse (``enable=True``) or return them (``False``).
+
+    See the module documentation for why this speeds up CPU inference and training. Process-wide; returns whether the
+    setting could be applied (glibc on Linux only; elsewhere nothing changes and ``False`` is returned).
+    ``enable=False`` sets both thresholds back to glibc's 128 KiB default and trims the heap; glibc's automatic
+    raising of the mmap threshold stays off until the process ends.
+    """
+    libc = _glibc()
+    if libc is None:
+        log.info("keep_freed_memory: not a glibc system; the allocator is left as it is")
+        return False
+    mmap_threshold, trim_threshold = (
+        (_KEEP_MMAP_THRESHOLD, _KEEP_TRIM_THRESHOLD) if enable else (_DEFAULT_THRESHOLD, _DEFAULT_THRESHOLD)
+    )
+    applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
+    if not enable:
+        libc.malloc_trim(0)
+    _state["keeping"] = enable and applied
+    return applied
+
+
+def _channels_last_input(module: nn.Module, args):
+    """Forward pre-hook: hand a leading 4-D tensor argument over in channels-last memory format."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+    return None
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    channels_last: bool = True,
+    keep_memory: bool = True,
+    compile: bool = False,
+) -> nn.Module:
+    """Turn ``model`` into its fastest measured inference form on the CPU and return what to call.
+
+    In order: ``eval()``; the deploy form (``model.reparameterize()`` where the model has it: UniRepLKNet,
+    ``UniPerceiver``); channels-last weights, with a thin wrapper that hands every 4-D input over channels-last
+    (``channels_last``; a forward pre-hook converts a 4-D input of ``model(x)``, other methods take the input as it
+    comes); :func:`keep_freed_memory` for the whole process (``keep_memory``); and ``torch.compile`` (``compile``;
+    off by default: on the CPU it measured within noise of eager for UniRepLKNet once the other levers are in, and
+    compiling takes a minute). The model is changed in place and returned (wrapped by ``torch.compile`` if asked).
+    Outputs match the plain eval-mode model within float32 rounding (tested).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"optimize_for_inference needs an nn.Module, got {type(model).__name__}")
+    model.eval()
+    if callable(getattr(model, "reparameterize", None)):
+        model.reparameterize()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        if not getattr(model, "_channels_last_input", False):
+            model.register_forward_pre_hook(_channels_last_input)
+            model._channels_last_input = True
+    if keep_memory:
+        keep_freed_memory(True)
+    return torch.compile(model, dynamic=False) if compile else model

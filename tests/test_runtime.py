@@ -1,0 +1,205 @@
+"""The CPU fast paths (in-place GELU/GRN, fused oneDNN Linear+GELU, GRN's sum-of-squares norm, channels-last, the
+allocator setting) against the reference path, and the one call that applies them."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+
+import backbones
+from backbones.runtime import fast_ops_enabled, reference_ops
+from backbones.unireplknet import GELU, GRNwithNHWC, UniRepLKNetBlock, _spatial_l2_norm
+from conftest import randomise_statistics, relative_error
+
+FLOAT32_TOLERANCE = 1e-5
+
+
+def _model(name="unireplknet_a", seed=0):
+    return randomise_statistics(timm.create_model(name, num_classes=10).eval(), seed=seed)
+
+
+@pytest.mark.parametrize("form", ["train", "deploy"])
+@pytest.mark.parametrize("size", [64, 160])  # 160 px: a 40x40 first stage takes GRN's vector_norm branch
+def test_fast_inference_matches_reference_ops(form, size):
+    model = _model()
+    if form == "deploy":
+        model.reparameterize()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        with reference_ops():
+            assert not fast_ops_enabled()
+            expected = model(x)
+        assert fast_ops_enabled()
+        fast = model(x)
+        channels_last = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert relative_error(fast, expected) < FLOAT32_TOLERANCE
+    assert relative_error(channels_last, expected) < FLOAT32_TOLERANCE
+    assert not torch.equal(fast, torch.zeros_like(fast))
+
+
+def test_fused_path_is_what_inference_runs_and_is_skipped_for_hooks():
+    block = randomise_statistics(UniRepLKNetBlock(16, 7).eval())
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        assert block._fuse_linears(block.dwconv(x)) == backbones.unireplknet._MKLDNN_LINEAR
+        seen = []
+        handle = block.act[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        with_hook = block(x)
+        handle.remove()
+        without_hook = block(x)
+        with reference_ops():
+            expected = block(x)
+    assert seen == [torch.Size([2, 9, 9, 64])], "a hooked FFN must run module by module"
+    assert relative_error(with_hook, expected) < FLOAT32_TOLERANCE
+    assert relative_error(without_hook, expected) < FLOAT32_TOLERANCE
+
+
+def test_training_gradients_match_reference_ops():
+    model = _model().train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for reference in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)
+        if reference:
+            with reference_ops():
+                model(x).square().sum().backward()
+        else:
+            model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    # some gradients are zero up to rounding (a bias before a training-mode BatchNorm): judge each against the largest
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for name in grads[0]:
+        assert (grads[1][name] - grads[0][name]).abs().max().item() < 1e-5 * scale, name
+
+
+def test_inplace_layers_only_overwrite_without_autograd():
+    gelu, grn = GELU(inplace=True), GRNwithNHWC(8, inplace=True)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(2, 5, 5, 8)
+    kept = x.clone()
+    # autograd on: inputs untouched
+    assert torch.equal(gelu(x), torch.nn.functional.gelu(kept)) and torch.equal(x, kept)
+    grn(x)
+    assert torch.equal(x, kept)
+    with torch.no_grad():
+        expected = GRNwithNHWC(8)
+        expected.load_state_dict(grn.state_dict())
+        want = expected(torch.nn.functional.gelu(kept))
+        y = gelu(x)
+        assert y.data_ptr() == x.data_ptr() and torch.equal(x, torch.nn.functional.gelu(kept))
+        out = grn(y)
+        assert out.data_ptr() == x.data_ptr()
+        assert relative_error(out, want) < FLOAT32_TOLERANCE
+        # inside reference_ops nothing is overwritten
+        z = kept.clone()
+        with reference_ops():
+            gelu(z)
+        assert torch.equal(z, kept)
+
+
+@pytest.mark.parametrize("size", [7, 40])
+def test_grn_norm_matches_vector_norm_with_a_dead_channel(size):
+    x = torch.randn(3, size, size, 6, dtype=torch.float64)
+    x[1, :, :, 2] = 0.0  # an all-zero channel: the norm's slope is infinite there
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn(3, 1, 1, 6, dtype=torch.float64)
+    norm = _spatial_l2_norm(ours)
+    (norm * weights).sum().backward()
+    reference = torch.linalg.vector_norm(theirs, ord=2, dim=(1, 2), keepdim=True)
+    (reference * weights).sum().backward()
+    assert norm.shape == (3, 1, 1, 6)
+    assert relative_error(norm, reference) < 1e-12
+    assert torch.isfinite(ours.grad).all()
+    assert relative_error(ours.grad, theirs.grad) < 1e-12
+
+
+def test_grn_norm_of_half_precision_input_does_not_overflow():
+    x = torch.full((1, 4, 4, 3), 300.0, dtype=torch.float16)  # 300^2 overflows float16
+    norm = _spatial_l2_norm(x)
+    assert norm.dtype == torch.float32 and torch.allclose(norm, torch.full_like(norm, 1200.0))
+
+
+def test_optimize_for_inference_is_one_call_and_matches_the_train_form(monkeypatch):
+    calls = []
+    monkeypatch.setattr(backbones.runtime, "keep_freed_memory", lambda enable=True: calls.append(enable) or True)
+    model = _model()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), reference_ops():
+        expected = model(x)
+    fast = backbones.optimize_for_inference(model)
+    assert fast is model and model.deploy and not model.training and calls == [True]
+    assert model.stages[0][0].pwconv1[1].weight.is_contiguous()  # Linear weights are 2-D: unchanged
+    assert model.downsample_layers[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    backbones.optimize_for_inference(model)  # idempotent: one input hook only
+    assert len(model._forward_pre_hooks) == 1
+    with torch.no_grad():
+        out = fast(x)  # an NCHW input is handed over channels-last
+    assert relative_error(out, expected) < FLOAT32_TOLERANCE
+    with pytest.raises(backbones.ConfigurationError, match="nn.Module"):
+        backbones.optimize_for_inference(lambda t: t)
+
+
+def test_cli_keeps_freed_memory_unless_told_not_to(monkeypatch, capsys):
+    from uniperception import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda enable=True: calls.append(enable) or True)
+    monkeypatch.delenv(cli.KEEP_MEMORY_ENV, raising=False)
+    assert cli.main(["demo", "--list"]) == 0
+    monkeypatch.setenv(cli.KEEP_MEMORY_ENV, "0")
+    assert cli.main(["demo", "--list"]) == 0
+    assert calls == [True]
+    capsys.readouterr()
+
+
+def test_keep_freed_memory_serves_large_blocks_from_the_reused_heap():
+    """In a fresh process (the setting is process-wide), read from glibc's own accounting (``mallinfo2``): by default
+    a 64 MiB tensor is a fresh mapping, returned on free; while freed memory is kept it comes from the heap and stays
+    there, free for the next one. Page faults of re-allocating it drop too (counted loosely: huge pages vary them)."""
+    script = textwrap.dedent(
+        """
+        import ctypes, resource, torch
+        from backbones.runtime import keep_freed_memory, keeping_freed_memory
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        MIB = 1 << 20
+
+        def probe():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            buffer = torch.empty(16 * MIB)  # 64 MiB
+            buffer.fill_(1.0)
+            mapped = libc.mallinfo2().hblkhd // MIB
+            del buffer
+            free_in_heap = libc.mallinfo2().fordblks // MIB
+            return mapped, free_in_heap, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        default = probe()
+        assert keep_freed_memory(True) and keeping_freed_memory()
+        probe()
+        kept = probe()
+        assert keep_freed_memory(False) and not keeping_freed_memory()
+        restored = probe()
+        print(*default, *kept, *restored)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    values = list(map(int, done.stdout.split()))
+    default, kept, restored = values[0:3], values[3:6], values[6:9]
+    assert default[0] >= 64 and default[1] < 64, f"by default the block is its own mapping: {default}"
+    assert kept[0] < 64 and kept[1] >= 64, f"kept: the block comes from the heap and stays free there: {kept}"
+    assert restored[0] >= 64, f"restored: a mapping again: {restored}"
+    assert kept[2] <= default[2]
