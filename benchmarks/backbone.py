@@ -6,10 +6,14 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
   ``eager`` (NCHW), ``eager+cl`` (channels-last weights and input), ``compiled`` and ``compiled+cl``
   (``torch.compile``, inductor, one compilation per batch size, compile time excluded). UniRepLKNet runs in its
   deploy form (``model.reparameterize()``); its train form in eval mode is one more row (``train form``), so the
-  deploy speed-up shows. "Plain" is the eager NCHW row of the same model, form and batch: for UniRepLKNet the plain
-  eager deploy form;
+  deploy speed-up shows, and ``plain`` is its deploy form eager, NCHW, with the blocks' straightforward ops
+  (``backbones.reference_ops()``: no in-place GELU/GRN, no fused Linear+GELU). "Plain" is that row for UniRepLKNet
+  and the eager NCHW row for the peers;
 * training steps (forward + cross-entropy + backward + AdamW step) at ``--train-batch-size``: UniRepLKNet-A and -T
-  in every ``--train-variants`` way (eager, eager+cl, compiled), the peers eager only;
+  plain (reference ops) and in every ``--train-variants`` way (eager, eager+cl, compiled), the peers eager only;
+* then, after ``backbones.keep_freed_memory()`` (malloc keeps freed blocks for reuse; process-wide, so measured
+  after everything above), every model again in each ``--keep-variants`` way (rows ``...+keep``) and training
+  eager+keep (UniRepLKNet also eager+cl+keep). Peers get the allocator setting too: it is any process's to make;
 * the machine's float32 matrix-multiply rate: best of several 2048x2048 ``torch.mm`` at torch's thread count;
 * with ``--memory``: the peak memory of one training step of each ``--memory-models`` model at
   ``--memory-batch-size`` (default UniRepLKNet-T at 32), with and without gradient checkpointing, each in a fresh
@@ -32,6 +36,7 @@ Run from the repository root (compiling takes most of the time: tens of minutes 
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -56,11 +61,14 @@ except ImportError:  # running from a checkout without the package installed
     import backbones  # noqa: F401
 import timm
 
+from backbones.runtime import keep_freed_memory, reference_ops
+
 UNIREPLKNET_MODELS = ("unireplknet_a", "unireplknet_t")
 PEER_MODELS = ("convnextv2_atto", "convnextv2_tiny", "convnext_tiny")
 ALL_MODELS = UNIREPLKNET_MODELS + PEER_MODELS
 VARIANTS = ("eager", "eager+cl", "compiled", "compiled+cl")
 TRAIN_VARIANTS = ("eager", "eager+cl", "compiled")
+KEEP_SUFFIX = "+keep"
 TRAIN_FLOP_FACTOR = 3
 MATMUL_SIZE = 2048
 
@@ -121,21 +129,21 @@ def forward_gflops(model: torch.nn.Module, image_size: int) -> float:
 
 
 def in_layout(tensor: torch.Tensor, variant: str) -> torch.Tensor:
-    return tensor.contiguous(memory_format=torch.channels_last) if variant.endswith("+cl") else tensor.contiguous()
+    return tensor.contiguous(memory_format=torch.channels_last) if "+cl" in variant else tensor.contiguous()
 
 
 def runnable(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """The model laid out and (for ``compiled`` variants) wrapped as ``variant`` says; a fresh compilation."""
-    model = model.to(memory_format=torch.channels_last if variant.endswith("+cl") else torch.contiguous_format)
+    model = model.to(memory_format=torch.channels_last if "+cl" in variant else torch.contiguous_format)
     if variant.startswith("compiled"):
         torch._dynamo.reset()
         return torch.compile(model, dynamic=False)
     return model
 
 
-def inference_step(model: Callable, images: torch.Tensor) -> Callable[[], None]:
+def inference_step(model: Callable, images: torch.Tensor, reference: bool = False) -> Callable[[], None]:
     def step() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), (reference_ops() if reference else contextlib.nullcontext()):
             model(images)
 
     return step
@@ -148,60 +156,79 @@ def training_step(model: torch.nn.Module, images: torch.Tensor, num_classes: int
     labels = torch.randint(0, num_classes, (images.shape[0],))
     forward = runnable(model, variant)
     images = in_layout(images, variant)
+    ops = reference_ops if variant == "plain" else contextlib.nullcontext
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(images), labels).backward()
+        with ops():
+            F.cross_entropy(forward(images), labels).backward()
         optimizer.step()
 
     return step
 
 
-def benchmark_model(name: str, args: argparse.Namespace) -> List[Result]:
-    """Measure every way of running one model; returns its rows in table order."""
+def benchmark_model(name: str, args: argparse.Namespace, keep: bool = False) -> List[Result]:
+    """Measure one model in every way of one phase (``keep``: after ``keep_freed_memory()``); rows in table order."""
     size = args.image_size
     timing = dict(warmup=args.warmup, min_time=args.min_time, min_iters=args.min_iters)
     results: List[Result] = []
     is_unireplknet = name in UNIREPLKNET_MODELS
+    suffix = KEEP_SUFFIX if keep else ""
 
     def measure(form: str, variant: str, batch: int, params: float, gflops: float, step, flop_factor: int = 1):
         seconds = median_iteration_time(step, **timing)
         results.append(Result(name, form, variant, batch, params, gflops, batch / seconds, flop_factor))
-        print(f"  {name:<16} {form:<10} {variant:<12} batch {batch:<4} {batch / seconds:9.1f} img/s",
+        print(f"  {name:<16} {form:<10} {variant:<17} batch {batch:<4} {batch / seconds:9.1f} img/s",
               file=sys.stderr, flush=True)
 
     model = timm.create_model(name, pretrained=False).eval()
     train_form_gflops = forward_gflops(model, size)
     train_form_params = sum(p.numel() for p in model.parameters()) / 1e6
-    if is_unireplknet:
+    if is_unireplknet and not keep:
         for batch in args.batch_sizes:
             images = torch.randn(batch, 3, size, size)
             measure("train form", "eager", batch, train_form_params, train_form_gflops, inference_step(model, images))
+    if is_unireplknet:
         model.reparameterize()
     form = "deploy" if is_unireplknet else "model"
     gflops = forward_gflops(model, size)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    for variant in args.variants:
+    if is_unireplknet and not keep:
+        for batch in args.batch_sizes:
+            images = torch.randn(batch, 3, size, size)
+            measure(form, "plain", batch, params, gflops, inference_step(runnable(model, "eager"), images, True))
+    for variant in args.keep_variants if keep else args.variants:
         for batch in args.batch_sizes:
             images = in_layout(torch.randn(batch, 3, size, size), variant)
-            measure(form, variant, batch, params, gflops, inference_step(runnable(model, variant), images))
+            measure(form, variant + suffix, batch, params, gflops, inference_step(runnable(model, variant), images))
     del model
 
-    train_variants = args.train_variants if is_unireplknet else [v for v in args.train_variants if v == "eager"]
+    if keep:
+        train_variants = ["eager", "eager+cl"] if is_unireplknet else ["eager"]
+    elif is_unireplknet:
+        train_variants = ["plain", *args.train_variants]
+    else:
+        train_variants = [v for v in args.train_variants if v == "eager"]
     for variant in train_variants:
         model = timm.create_model(name, pretrained=False)
         images = torch.randn(args.train_batch_size, 3, size, size)
-        measure("training", variant, args.train_batch_size, train_form_params, train_form_gflops,
+        measure("training", variant + suffix, args.train_batch_size, train_form_params, train_form_gflops,
                 training_step(model, images, model.num_classes, variant), TRAIN_FLOP_FACTOR)
         del model
     torch._dynamo.reset()
-
-    # the plain reference of a row: the eager row of its form and batch (train-form rows: the deploy form's)
-    plain = {(r.form, r.batch): r.images_per_s for r in results if r.variant == "eager" and r.form != "train form"}
-    for r in results:
-        reference = plain.get((form if r.form == "train form" else r.form, r.batch))
-        r.vs_plain = None if reference is None else r.images_per_s / reference
     return results
+
+
+def set_vs_plain(results: List[Result]) -> None:
+    """Each row's speed over its plain row: same model and batch, form deploy/model/training, way ``plain`` where
+    measured (UniRepLKNet) else ``eager``; ``train form`` rows against the deploy form's plain row."""
+    plain = {}
+    for way in ("eager", "plain"):  # plain overrides eager
+        plain.update({(r.model, r.form, r.batch): r.images_per_s for r in results
+                      if r.variant == way and r.form != "train form"})
+    for r in results:
+        reference = plain.get((r.model, "deploy" if r.form == "train form" else r.form, r.batch))
+        r.vs_plain = None if reference is None else r.images_per_s / reference
 
 
 def format_table(header: List[str], rows: List[List[str]], markdown: bool, left=(0, 1, 3)) -> str:
@@ -330,9 +357,12 @@ def notes(args: argparse.Namespace) -> List[str]:
         f"{args.min_iters} iterations and >= {args.min_time} s after {args.warmup} warm-up iteration(s).",
         "GFLOPs/img: forward FLOPs of the measured form (FlopCounterMode, multiply-add = 2 FLOPs). Training rows "
         f"(forward + cross-entropy + backward + AdamW step, train form) credit {TRAIN_FLOP_FACTOR}x the forward FLOPs.",
-        "Ways: `eager` NCHW, `+cl` channels-last weights and input, `compiled` torch.compile (inductor, static "
-        "shapes). `vs plain`: speed ratio to the same model's eager NCHW row at that batch (UniRepLKNet: its "
-        "deploy form; so the `train form` rows show the deploy speed-up inverted).",
+        "Ways: `plain` UniRepLKNet eager NCHW with the blocks' straightforward ops (`backbones.reference_ops()`), "
+        "`eager` NCHW (UniRepLKNet with its fast inference ops: in-place GELU/GRN, oneDNN Linear+GELU), `+cl` "
+        "channels-last weights and input, `compiled` torch.compile (inductor, static shapes), `+keep` measured after "
+        "`backbones.keep_freed_memory()` (glibc keeps freed blocks for reuse; every model gets it). `vs plain`: "
+        "speed ratio to the same model's plain row at that batch (UniRepLKNet: `plain` of its deploy form, so the "
+        "`train form` rows show the deploy speed-up inverted; peers: eager NCHW).",
     ]
 
 
@@ -349,6 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="inference ways (default all; --quick: eager)")
     parser.add_argument("--train-variants", nargs="+", choices=TRAIN_VARIANTS,
                         help="training ways of UniRepLKNet (default all; --quick: eager); peers train eager only")
+    parser.add_argument("--keep-variants", nargs="*", choices=VARIANTS,
+                        help="inference ways measured again after keep_freed_memory() (default eager eager+cl "
+                             "compiled+cl; --quick: eager; none to skip the phase)")
     parser.add_argument("--memory", action="store_true", help="also measure training-step peak memory")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     parser.add_argument("--memory-models", nargs="+", choices=ALL_MODELS, default=["unireplknet_t"], metavar="MODEL")
@@ -360,7 +393,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = dict(batch_sizes=([1, 16], [2]), train_batch_size=(8, 2), image_size=(224, 64), min_time=(2.0, 0.2),
                     min_iters=(5, 3), warmup=(3, 1), variants=(list(VARIANTS), ["eager", "eager+cl"]),
-                    train_variants=(list(TRAIN_VARIANTS), ["eager"]))
+                    train_variants=(list(TRAIN_VARIANTS), ["eager"]),
+                    keep_variants=(["eager", "eager+cl", "compiled+cl"], ["eager"]))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
@@ -392,6 +426,16 @@ def main(argv=None) -> None:
     results: List[Result] = []
     for name in [] if args.memory_only else args.models:
         results.extend(benchmark_model(name, args))
+    if args.keep_variants and not args.memory_only:
+        if not keep_freed_memory(True):
+            print("keep_freed_memory: not available here (not glibc); no +keep rows", file=sys.stderr)
+        else:
+            for name in args.models:
+                results.extend(benchmark_model(name, args, keep=True))
+    order = {name: i for i, name in enumerate(args.models)}
+    forms = {"train form": 0, "deploy": 1, "model": 1, "training": 2}
+    results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
+    set_vs_plain(results)
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
     goals = targets(results, matmul_rate) + memory_goals
 

@@ -104,8 +104,10 @@ def test_inplace_layers_only_overwrite_without_autograd():
         assert torch.equal(z, kept)
 
 
-@pytest.mark.parametrize("size", [7, 40])
-def test_grn_norm_matches_vector_norm_with_a_dead_channel(size):
+@pytest.mark.parametrize("size, chunk", [(7, None), (40, None), (9, 1), (9, 2 * 81 * 6)])
+def test_grn_norm_matches_vector_norm_with_a_dead_channel(size, chunk, monkeypatch):
+    if chunk is not None:  # batch chunks of one and of two samples
+        monkeypatch.setattr(backbones.unireplknet, "_SQUARE_SUM_CHUNK", chunk)
     x = torch.randn(3, size, size, 6, dtype=torch.float64)
     x[1, :, :, 2] = 0.0  # an all-zero channel: the norm's slope is infinite there
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -118,6 +120,10 @@ def test_grn_norm_matches_vector_norm_with_a_dead_channel(size):
     assert relative_error(norm, reference) < 1e-12
     assert torch.isfinite(ours.grad).all()
     assert relative_error(ours.grad, theirs.grad) < 1e-12
+
+
+def test_grn_norm_of_an_empty_batch():
+    assert _spatial_l2_norm(torch.randn(0, 5, 5, 4)).shape == (0, 1, 1, 4)
 
 
 def test_grn_norm_of_half_precision_input_does_not_overflow():
