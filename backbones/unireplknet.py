@@ -724,15 +724,17 @@ class UniRepLKNet(nn.Module):
                 )
 
     def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[index](x)
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            # the stem and downsampling layers too: the stem's 1/2-resolution maps are the largest activations
+            # (no BatchNorm in them: LayerNorm only)
+            x = checkpoint(self.downsample_layers[index], x, use_reentrant=False)
             for block in self.stages[index]:
                 x = checkpoint(
                     block, x, use_reentrant=False,
                     context_fn=lambda block=block: (contextlib.nullcontext(), _batchnorm_statistics_frozen(block)),
                 )
             return x
-        return self.stages[index](x)
+        return self.stages[index](self.downsample_layers[index](x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W) -> (B, C4, ceil(H/32), ceil(W/32))``: stem and all four stages, before pooling."""

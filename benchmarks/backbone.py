@@ -18,7 +18,12 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
 * with ``--memory``: the peak memory of one training step of each ``--memory-models`` model at
   ``--memory-batch-size`` (default UniRepLKNet-T at 32), with and without gradient checkpointing, each in a fresh
   process: the process's peak resident memory during the step (``VmHWM``, reset through ``/proc/self/clear_refs``
-  just before it) minus its resident memory before it (model, optimizer and input already allocated).
+  just before it) minus its resident memory before it (model, optimizer and input already allocated). The child
+  makes resident memory follow live allocations (glibc serves every block above 64 KiB as its own mapping and
+  unmaps it on free; no transparent huge pages), so the number is what the tensors need rather than what malloc
+  happened to retain;
+* with ``--paired``: plain against eager+cl (and eager+cl after ``keep_freed_memory()``) for UniRepLKNet, timed in
+  strict alternation in two worker processes, so drift of a shared machine hits both sides alike.
 
 For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
 of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
@@ -37,6 +42,8 @@ Run from the repository root (compiling takes most of the time: tens of minutes 
 
 import argparse
 import contextlib
+import copy
+import ctypes
 import datetime
 import json
 import os
@@ -312,8 +319,20 @@ def resident_bytes(field: str = "VmRSS") -> int:
     raise SystemExit(f"memory: /proc/self/status has no {field}")
 
 
+def exact_resident_memory() -> None:
+    """Make resident memory follow live allocations: every block above 64 KiB its own mapping, unmapped when freed
+    (fixed glibc thresholds, so they are not raised on the fly), and no transparent huge pages (no 2 MiB rounding
+    or background collapsing). Without this the same step measured 4.19 and 4.55 GiB in two runs."""
+    libc = ctypes.CDLL("libc.so.6")
+    for parameter in (-3, -1):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        if not libc.mallopt(parameter, 64 * 1024):
+            raise SystemExit("memory: mallopt failed (not glibc?)")
+    libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
+
+
 def memory_child(name: str, batch: int, image_size: int, checkpointing: bool) -> None:
     """In a fresh process: one training step; prints the step's peak memory above what was resident before it."""
+    exact_resident_memory()
     model = timm.create_model(name, pretrained=False)
     model.set_grad_checkpointing(checkpointing)
     step = training_step(model, torch.randn(batch, 3, image_size, image_size), model.num_classes)
@@ -348,6 +367,88 @@ def memory_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
                                  f"reduction with gradient checkpointing ({1 - saved / plain:.2f}, target >= 0.4)")
     header = ["model", "batch", "step peak (GiB)", "with checkpointing (GiB)", "reduction"]
     return format_table(header, rows, markdown=True, left=(0,)), goals
+
+
+PAIRED_WAYS = (("default", "plain"), ("default", "eager+cl"), ("keep", "eager+cl"))
+
+
+def paired_child(name: str, batch: int, image_size: int, keep: bool) -> None:
+    """A timing server for the paired check: reads a way per stdin line, runs it once, prints its seconds."""
+    if keep and not keep_freed_memory(True):
+        raise SystemExit("paired check: keep_freed_memory() is not available here (not glibc)")
+    model = timm.create_model(name, pretrained=False).eval().reparameterize()
+    images = torch.randn(batch, 3, image_size, image_size)
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    steps = {"plain": inference_step(model, images, reference=True),
+             "eager+cl": inference_step(channels_last, in_layout(images, "+cl"))}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        start = time.perf_counter()
+        steps[line.strip()]()
+        print(time.perf_counter() - start, flush=True)
+
+
+def paired_table(args: argparse.Namespace) -> Tuple[str, List[Result]]:
+    """Plain against the fastest eager way, timed in strict alternation so machine drift hits both alike.
+
+    Two worker processes per model and batch, one with glibc's default allocator and one after
+    ``keep_freed_memory()``; each round times plain and eager+cl in the first and eager+cl in the second, one after
+    the other. Ratios are medians over rounds of the per-round ratio."""
+    rows, results = [], []
+    for name in [m for m in args.models if m in UNIREPLKNET_MODELS]:
+        for batch in args.batch_sizes:
+            workers = {}
+            for allocator in ("default", "keep"):
+                workers[allocator] = subprocess.Popen(
+                    [sys.executable, __file__, "--paired-child", name, str(batch), str(args.image_size),
+                     str(int(allocator == "keep"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                if workers[allocator].stdout.readline().strip() != "ready":
+                    raise SystemExit(f"paired check: the {allocator} worker for {name} failed to start")
+
+            def run(allocator: str, way: str, workers=workers) -> float:
+                worker = workers[allocator]
+                worker.stdin.write(way + "\n")
+                worker.stdin.flush()
+                return float(worker.stdout.readline())
+
+            for _ in range(args.warmup):
+                for allocator, way in PAIRED_WAYS:
+                    run(allocator, way)
+            times = {key: [] for key in PAIRED_WAYS}
+            for _ in range(args.paired_rounds):
+                for key in PAIRED_WAYS:
+                    times[key].append(run(*key))
+            for worker in workers.values():
+                worker.stdin.close()
+                worker.wait()
+            plain = times[("default", "plain")]
+            cells = [name, str(batch), str(args.paired_rounds)]
+            for key in PAIRED_WAYS:
+                ratio = statistics.median(p / t for p, t in zip(plain, times[key], strict=True))
+                speed = batch / statistics.median(times[key])
+                cells += [f"{speed:.1f}", f"{ratio:.2f}x"]
+                way = key[1] + (KEEP_SUFFIX if key[0] == "keep" else "")
+                results.append(Result(name, "deploy", way, batch, 0.0, 0.0, speed, vs_plain=ratio))
+            rows.append(cells)
+            print(f"  {name:<16} paired, batch {batch}: " + " ".join(cells[3:]), file=sys.stderr, flush=True)
+    header = ["model", "batch", "rounds", "plain img/s", "", "eager+cl img/s", "vs plain", "eager+cl+keep img/s",
+              "vs plain"]
+    rows = [cells[:4] + cells[5:] for cells in rows]  # plain's own ratio is 1 by definition
+    header = header[:4] + header[5:]
+    return format_table(header, rows, markdown=True, left=(0,)), results
+
+
+def paired_targets(paired: List[Result]) -> List[str]:
+    """The "over plain" targets of UniRepLKNet-T from the paired check (its fastest eager way per batch)."""
+    lines = []
+    for batch, goal, text in ((16, 1.4, "batch 16"), (1, 1.3, "batch-1 latency")):
+        rows = [r for r in paired if r.model == "unireplknet_t" and r.batch == batch and r.variant != "plain"]
+        if rows:
+            best = max(rows, key=lambda r: r.vs_plain)
+            verdict = "met" if best.vs_plain >= goal else "UNMET"
+            lines.append(f"{verdict}: UniRepLKNet-T {text}, paired check, {best.variant} over plain "
+                         f"({best.vs_plain:.2f}, target >= {goal:g})")
+    return lines
 
 
 def notes(args: argparse.Namespace) -> List[str]:
@@ -387,6 +488,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-models", nargs="+", choices=ALL_MODELS, default=["unireplknet_t"], metavar="MODEL")
     parser.add_argument("--memory-batch-size", type=int, default=32)
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true",
+                        help="also time UniRepLKNet plain against eager+cl (and +keep) in strict alternation")
+    parser.add_argument("--paired-only", action="store_true", help="only the paired check")
+    parser.add_argument("--paired-rounds", type=int, default=10, help="rounds of the paired check (default 10)")
+    parser.add_argument("--paired-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--output", type=Path, help="write a Markdown section with the results to this file")
@@ -412,6 +518,10 @@ def main(argv=None) -> None:
         name, batch, size, checkpointing = args.memory_child
         memory_child(name, int(batch), int(size), bool(int(checkpointing)))
         return
+    if args.paired_child:
+        name, batch, size, keep = args.paired_child
+        paired_child(name, int(batch), int(size), bool(int(keep)))
+        return
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else [sys.argv[0], *argv]))
     machine = f"{cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)"
     matmul_rate = matmul_gflops()
@@ -424,9 +534,10 @@ def main(argv=None) -> None:
     print("\n".join(facts), flush=True)
 
     results: List[Result] = []
-    for name in [] if args.memory_only else args.models:
+    only = args.memory_only or args.paired_only
+    for name in [] if only else args.models:
         results.extend(benchmark_model(name, args))
-    if args.keep_variants and not args.memory_only:
+    if args.keep_variants and not only:
         if not keep_freed_memory(True):
             print("keep_freed_memory: not available here (not glibc); no +keep rows", file=sys.stderr)
         else:
@@ -436,8 +547,9 @@ def main(argv=None) -> None:
     forms = {"train form": 0, "deploy": 1, "model": 1, "training": 2}
     results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
     set_vs_plain(results)
+    paired, paired_results = paired_table(args) if args.paired or args.paired_only else ("", [])
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
-    goals = targets(results, matmul_rate) + memory_goals
+    goals = targets(results, matmul_rate) + paired_targets(paired_results) + memory_goals
 
     for markdown in ([False, True] if args.markdown and results else [False] if results else []):
         print()
@@ -446,6 +558,9 @@ def main(argv=None) -> None:
         print(fastest_table(results, matmul_rate, markdown))
     if results:
         print("\n".join(f"* {note}" for note in notes(args)))
+    if paired:
+        print()
+        print(paired)
     if memory:
         print()
         print(memory)
@@ -460,6 +575,10 @@ def main(argv=None) -> None:
             section += ["Fastest way per model, form and batch:", "",
                         fastest_table(results, matmul_rate, markdown=True), ""]
             section += [f"- {note}" for note in notes(args)]
+        if paired:
+            section += ["", "Paired check (deploy form; plain and eager+cl in a default-allocator worker, eager+cl in "
+                        "a keep_freed_memory() worker, timed in strict alternation; ratios are medians of per-round "
+                        "ratios):", "", paired]
         if memory:
             section += ["", "Training-step peak memory (one fresh process per row: peak resident memory during the "
                         "step minus resident memory before it):", "", memory]

@@ -40,6 +40,22 @@ def test_backbone_benchmark_quick_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_backbone_benchmark_paired_check(tmp_path):
+    report = tmp_path / "paired.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--paired-only", "--models", "unireplknet_a",
+         "--image-size", "64", "--batch-sizes", "2", "--paired-rounds", "3", "--warmup", "1", "--output", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in report.read_text().splitlines() if line.startswith("| unireplknet_a | 2 | 3 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    plain, fast, fast_ratio, kept, kept_ratio = float(cells[3]), float(cells[4]), cells[5], float(cells[6]), cells[7]
+    assert plain > 0 and fast > 0 and kept > 0
+    assert fast_ratio.endswith("x") and kept_ratio.endswith("x") and float(fast_ratio[:-1]) > 0
+
+
+@pytest.mark.slow
 def test_backbone_benchmark_measures_training_memory_with_and_without_checkpointing(tmp_path):
     report = tmp_path / "memory.md"
     done = subprocess.run(

@@ -72,18 +72,20 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_training_st
         torch.manual_seed(1)
         model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=3, drop_path_rate=0.1))
         model.set_grad_checkpointing(checkpointing)
-        calls = []
+        calls, stem_calls = [], []
         model.stages[2][0].register_forward_pre_hook(lambda *_: calls.append(1))
+        model.downsample_layers[0].register_forward_pre_hook(lambda *_: stem_calls.append(1))
         model.train()
         torch.manual_seed(2)  # the same drop-path draws in both runs
         torch.nn.functional.cross_entropy(model(x), y).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-        return len(calls), grads, buffers
+        return (len(calls), len(stem_calls)), grads, buffers
 
     plain_calls, plain, plain_buffers = step(False)
     checkpointed_calls, checkpointed, checkpointed_buffers = step(True)
-    assert (plain_calls, checkpointed_calls) == (1, 2)  # the block really was recomputed in the backward pass
+    # the block and the stem really were recomputed in the backward pass
+    assert (plain_calls, checkpointed_calls) == ((1, 1), (2, 2))
     assert plain.keys() == checkpointed.keys() and len(plain) > 100
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-7), name
