@@ -219,7 +219,7 @@ class GELU(nn.GELU):
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and _may_overwrite():
+        if getattr(self, "inplace", False) and _may_overwrite():
             return torch.ops.aten.gelu_(x, approximate=self.approximate)
         return super().forward(x)
 
@@ -272,7 +272,8 @@ class GRNwithNHWC(nn.Module):
         g = _spatial_l2_norm(x)
         n = (g / (g.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
         scale = self.gamma * n + 1
-        if self.inplace and _may_overwrite() and torch.promote_types(x.dtype, scale.dtype) == x.dtype:
+        inplace = getattr(self, "inplace", False)  # modules pickled before the attribute existed
+        if inplace and _may_overwrite() and torch.promote_types(x.dtype, scale.dtype) == x.dtype:
             out = x.mul_(scale)
             return out.add_(self.beta) if self.use_bias else out
         out = scale * x
@@ -444,6 +445,10 @@ class UniRepLKNetBlock(nn.Module):
             return False
         gelu = self.act[0]
         if type(gelu) not in (GELU, nn.GELU) or gelu.approximate != "none":
+            return False
+        if type(self.pwconv1[1]) is not nn.Linear or type(self.pwconv2[0]) is not nn.Linear:
+            return False  # e.g. a wrapped or quantised Linear: run it as it is
+        if type(self.act[1]) is not GRNwithNHWC:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False

@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import timm
 import torch
+from conftest import randomise_statistics, relative_error
 
 import backbones
 from backbones.runtime import fast_ops_enabled, reference_ops
 from backbones.unireplknet import GELU, GRNwithNHWC, UniRepLKNetBlock, _spatial_l2_norm
-from conftest import randomise_statistics, relative_error
 
 FLOAT32_TOLERANCE = 1e-5
 
@@ -53,6 +53,20 @@ def test_fused_path_is_what_inference_runs_and_is_skipped_for_hooks():
         with reference_ops():
             expected = block(x)
     assert seen == [torch.Size([2, 9, 9, 64])], "a hooked FFN must run module by module"
+    # a Linear replaced by another module type (a wrapper, a quantised layer) is called, not bypassed
+    calls = []
+
+    class CountingLinear(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    counting = CountingLinear(16, 64)
+    counting.load_state_dict(block.pwconv1[1].state_dict())
+    block.pwconv1[1] = counting
+    with torch.no_grad():
+        wrapped = block(x)
+    assert calls == [1] and relative_error(wrapped, expected) < FLOAT32_TOLERANCE
     assert relative_error(with_hook, expected) < FLOAT32_TOLERANCE
     assert relative_error(without_hook, expected) < FLOAT32_TOLERANCE
 
