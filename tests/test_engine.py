@@ -189,3 +189,25 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
     assert model.backbone.grad_checkpointing
     with pytest.raises(Exception, match="amp='fp16' needs a CUDA device"):
         Trainer(model, train, val, TrainConfig(amp="fp16", device="cpu", output=str(tmp_path / "x")))
+
+
+def test_channels_last_training_runs_in_that_layout_and_matches_the_default(tmp_path):
+    histories = {}
+    for channels_last in (False, True):
+        root = write_two_classes(tmp_path / f"cl{int(channels_last)}" / "data")
+        model, train, val, config = image_setup(root, epochs=1, channels_last=channels_last)
+        seen = []
+        stem = model.backbone.downsample_layers[0][0]
+        stem.register_forward_pre_hook(lambda module, args: seen.append(
+            (module.weight.is_contiguous(memory_format=torch.channels_last),
+             args[0].is_contiguous(memory_format=torch.channels_last))))
+        histories[channels_last] = Trainer(model, train, val, config).fit()
+        assert seen and all(layout == (channels_last, channels_last) for layout in seen)
+        # a channels-last model saves and loads back, answering like the trained one
+        model.save_pretrained(tmp_path / f"saved{int(channels_last)}")
+        reloaded = UniPerceiver.from_pretrained(tmp_path / f"saved{int(channels_last)}")
+        with torch.no_grad():
+            batch = torch.stack([train[i][0] for i in range(2)])
+            assert torch.allclose(reloaded.eval()(batch), model.eval()(batch), atol=1e-5)
+    plain, fast = histories[False][-1], histories[True][-1]
+    assert abs(plain["train_loss"] - fast["train_loss"]) < 1e-3 * max(1.0, abs(plain["train_loss"]))

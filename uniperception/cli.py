@@ -608,6 +608,9 @@ def _add_run_commands(sub) -> None:
     run.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     run.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision")
     run.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks to save memory")
+    run.add_argument("--channels-last", action="store_true",
+                     help="weights and 4-D inputs channels-last (UniRepLKNet-A/T training steps at 224 px on "
+                          "2 CPU cores: 1.12x/1.25x, BENCHMARKS.md)")
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
