@@ -198,7 +198,7 @@ def test_channels_last_training_runs_in_that_layout_and_matches_the_default(tmp_
         model, train, val, config = image_setup(root, epochs=1, channels_last=channels_last)
         seen = []
         stem = model.backbone.downsample_layers[0][0]
-        stem.register_forward_pre_hook(lambda module, args: seen.append(
+        stem.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(
             (module.weight.is_contiguous(memory_format=torch.channels_last),
              args[0].is_contiguous(memory_format=torch.channels_last))))
         histories[channels_last] = Trainer(model, train, val, config).fit()
