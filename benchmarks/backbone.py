@@ -22,8 +22,9 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
   makes resident memory follow live allocations (glibc serves every block above 64 KiB as its own mapping and
   unmaps it on free; no transparent huge pages), so the number is what the tensors need rather than what malloc
   happened to retain;
-* with ``--paired``: plain against eager+cl (and eager+cl after ``keep_freed_memory()``) for UniRepLKNet, timed in
-  strict alternation in two worker processes, so drift of a shared machine hits both sides alike.
+* with ``--paired``: UniRepLKNet plain against its eager+cl ways and against its ConvNeXt V2 peer's compiled+cl and
+  eager+cl (each with and without ``keep_freed_memory()``), timed in strict alternation in two worker processes,
+  so drift of a shared machine hits every side alike.
 
 For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
 of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
@@ -42,7 +43,6 @@ Run from the repository root (compiling takes most of the time: tens of minutes 
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import datetime
 import json
@@ -369,86 +369,124 @@ def memory_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     return format_table(header, rows, markdown=True, left=(0,)), goals
 
 
-PAIRED_WAYS = (("default", "plain"), ("default", "eager+cl"), ("keep", "eager+cl"))
+PEERS = {"unireplknet_a": "convnextv2_atto", "unireplknet_t": "convnextv2_tiny"}
+# (worker, which model, way) timed in this order every round: "ours" is the UniRepLKNet model, "peer" its ConvNeXt V2
+PAIRED_KEYS = (("default", "ours", "plain"), ("default", "ours", "eager+cl"), ("keep", "ours", "eager+cl"),
+               ("default", "peer", "compiled+cl"), ("keep", "peer", "eager+cl"), ("keep", "peer", "compiled+cl"))
 
 
-def paired_child(name: str, batch: int, image_size: int, keep: bool) -> None:
-    """A timing server for the paired check: reads a way per stdin line, runs it once, prints its seconds."""
+def paired_child(batch: int, image_size: int, keep: bool) -> None:
+    """A timing server for the paired check: reads ``MODEL WAY`` per stdin line, runs it once, prints its seconds.
+
+    Each (model, way) is built on first request (so a compilation lands in a warm-up round)."""
     if keep and not keep_freed_memory(True):
         raise SystemExit("paired check: keep_freed_memory() is not available here (not glibc)")
-    model = timm.create_model(name, pretrained=False).eval().reparameterize()
     images = torch.randn(batch, 3, image_size, image_size)
-    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    steps = {"plain": inference_step(model, images, reference=True),
-             "eager+cl": inference_step(channels_last, in_layout(images, "+cl"))}
+    steps = {}
+
+    def build(name: str, way: str) -> Callable[[], None]:
+        model = timm.create_model(name, pretrained=False).eval()
+        if name in UNIREPLKNET_MODELS:
+            model.reparameterize()
+        if way == "plain":
+            return inference_step(model, images, reference=True)
+        return inference_step(runnable(model, way), in_layout(images, way))
+
     print("ready", flush=True)
     for line in sys.stdin:
+        name, way = line.split()
+        if (name, way) not in steps:
+            steps[name, way] = build(name, way)
         start = time.perf_counter()
-        steps[line.strip()]()
+        steps[name, way]()
         print(time.perf_counter() - start, flush=True)
 
 
-def paired_table(args: argparse.Namespace) -> Tuple[str, List[Result]]:
-    """Plain against the fastest eager way, timed in strict alternation so machine drift hits both alike.
+def paired_times(name: str, batch: int, args: argparse.Namespace) -> dict:
+    """Seconds of every :data:`PAIRED_KEYS` way in each of ``args.paired_rounds`` rounds, timed in strict alternation
+    in two worker processes (default allocator, and after ``keep_freed_memory()``)."""
+    models = {"ours": name, "peer": PEERS[name]}
+    workers = {}
+    for allocator in ("default", "keep"):
+        workers[allocator] = subprocess.Popen(
+            [sys.executable, __file__, "--paired-child", str(batch), str(args.image_size),
+             str(int(allocator == "keep"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if workers[allocator].stdout.readline().strip() != "ready":
+            raise SystemExit(f"paired check: the {allocator} worker failed to start")
 
-    Two worker processes per model and batch, one with glibc's default allocator and one after
-    ``keep_freed_memory()``; each round times plain and eager+cl in the first and eager+cl in the second, one after
-    the other. Ratios are medians over rounds of the per-round ratio."""
-    rows, results = [], []
+    def run(key) -> float:
+        allocator, which, way = key
+        worker = workers[allocator]
+        worker.stdin.write(f"{models[which]} {way}\n")
+        worker.stdin.flush()
+        answer = worker.stdout.readline()
+        if not answer:
+            raise SystemExit(f"paired check: the {allocator} worker died running {models[which]} {way}")
+        return float(answer)
+
+    for _ in range(max(1, args.warmup)):
+        for key in PAIRED_KEYS:
+            run(key)
+    times = {key: [] for key in PAIRED_KEYS}
+    for _ in range(args.paired_rounds):
+        for key in PAIRED_KEYS:
+            times[key].append(run(key))
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    return times
+
+
+def paired_label(key) -> str:
+    return key[2] + (KEEP_SUFFIX if key[0] == "keep" else "")
+
+
+def paired_ratio(times: dict, slower, faster) -> float:
+    """Median over rounds of ``time(slower) / time(faster)``: how many times faster ``faster`` ran."""
+    return statistics.median(n / d for n, d in zip(times[slower], times[faster], strict=True))
+
+
+def paired_table(args: argparse.Namespace, matmul_rate: float) -> Tuple[str, List[str]]:
+    """UniRepLKNet's plain form, its fastest eager ways and its ConvNeXt V2 peer's fastest ways, timed in strict
+    alternation (:func:`paired_times`) so drift of a shared machine hits all alike. "Fastest" and the peer's fastest
+    are the ways with the best median; ratios are medians over rounds of the per-round ratio. Returns the table and
+    the target lines."""
+    rows, goals = [], []
+
+    def check(text: str, value: float, goal: float) -> None:
+        goals.append(f"{'met' if value >= goal else 'UNMET'}: {text} ({value:.2f}, target >= {goal:g})")
+
+    plain = ("default", "ours", "plain")
     for name in [m for m in args.models if m in UNIREPLKNET_MODELS]:
+        peer = PEERS[name]
+        gflops = forward_gflops(timm.create_model(name, pretrained=False).eval().reparameterize(), args.image_size)
         for batch in args.batch_sizes:
-            workers = {}
-            for allocator in ("default", "keep"):
-                workers[allocator] = subprocess.Popen(
-                    [sys.executable, __file__, "--paired-child", name, str(batch), str(args.image_size),
-                     str(int(allocator == "keep"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                if workers[allocator].stdout.readline().strip() != "ready":
-                    raise SystemExit(f"paired check: the {allocator} worker for {name} failed to start")
-
-            def run(allocator: str, way: str, workers=workers) -> float:
-                worker = workers[allocator]
-                worker.stdin.write(way + "\n")
-                worker.stdin.flush()
-                return float(worker.stdout.readline())
-
-            for _ in range(args.warmup):
-                for allocator, way in PAIRED_WAYS:
-                    run(allocator, way)
-            times = {key: [] for key in PAIRED_WAYS}
-            for _ in range(args.paired_rounds):
-                for key in PAIRED_WAYS:
-                    times[key].append(run(*key))
-            for worker in workers.values():
-                worker.stdin.close()
-                worker.wait()
-            plain = times[("default", "plain")]
-            cells = [name, str(batch), str(args.paired_rounds)]
-            for key in PAIRED_WAYS:
-                ratio = statistics.median(p / t for p, t in zip(plain, times[key], strict=True))
-                speed = batch / statistics.median(times[key])
-                cells += [f"{speed:.1f}", f"{ratio:.2f}x"]
-                way = key[1] + (KEEP_SUFFIX if key[0] == "keep" else "")
-                results.append(Result(name, "deploy", way, batch, 0.0, 0.0, speed, vs_plain=ratio))
-            rows.append(cells)
-            print(f"  {name:<16} paired, batch {batch}: " + " ".join(cells[3:]), file=sys.stderr, flush=True)
-    header = ["model", "batch", "rounds", "plain img/s", "", "eager+cl img/s", "vs plain", "eager+cl+keep img/s",
-              "vs plain"]
-    rows = [cells[:4] + cells[5:] for cells in rows]  # plain's own ratio is 1 by definition
-    header = header[:4] + header[5:]
-    return format_table(header, rows, markdown=True, left=(0,)), results
-
-
-def paired_targets(paired: List[Result]) -> List[str]:
-    """The "over plain" targets of UniRepLKNet-T from the paired check (its fastest eager way per batch)."""
-    lines = []
-    for batch, goal, text in ((16, 1.4, "batch 16"), (1, 1.3, "batch-1 latency")):
-        rows = [r for r in paired if r.model == "unireplknet_t" and r.batch == batch and r.variant != "plain"]
-        if rows:
-            best = max(rows, key=lambda r: r.vs_plain)
-            verdict = "met" if best.vs_plain >= goal else "UNMET"
-            lines.append(f"{verdict}: UniRepLKNet-T {text}, paired check, {best.variant} over plain "
-                         f"({best.vs_plain:.2f}, target >= {goal:g})")
-    return lines
+            times = paired_times(name, batch, args)
+            speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
+            ours = max((k for k in PAIRED_KEYS if k[1] == "ours" and k != plain), key=speed.get)
+            theirs = max((k for k in PAIRED_KEYS if k[1] == "peer"), key=speed.get)
+            fraction = speed[ours] * gflops / matmul_rate
+            over_plain, over_peer = paired_ratio(times, plain, ours), paired_ratio(times, theirs, ours)
+            rows.append([name, str(batch), str(args.paired_rounds), f"{speed[plain]:.1f}",
+                         f"{speed['default', 'ours', 'eager+cl']:.1f}", f"{speed['keep', 'ours', 'eager+cl']:.1f}",
+                         paired_label(ours), f"{over_plain:.2f}x", f"{fraction:.1%}", peer, paired_label(theirs),
+                         f"{speed[theirs]:.1f}", f"{over_peer:.2f}x"])
+            print(f"  {name:<16} paired, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
+            variant = f"UniRepLKNet-{name[-1].upper()}"
+            if batch == max(args.batch_sizes):
+                if name == "unireplknet_t":
+                    check(f"{variant} batch {batch}, paired, fastest ({paired_label(ours)}) over plain", over_plain,
+                          1.4)
+                    check(f"{variant} batch {batch}, paired, {paired_label(ours)}, fraction of the matmul rate",
+                          fraction, 0.8)
+                check(f"{variant} batch {batch}, paired, {paired_label(ours)} over {peer}'s fastest "
+                      f"({paired_label(theirs)})", over_peer, 1.0)
+            if batch == 1 and name == "unireplknet_t":
+                check(f"{variant} batch-1 latency, paired, plain over fastest ({paired_label(ours)})", over_plain,
+                      1.3)
+    header = ["model", "batch", "rounds", "plain img/s", "eager+cl img/s", "eager+cl+keep img/s", "fastest",
+              "vs plain", "of matmul", "peer", "peer's fastest", "peer img/s", "vs peer"]
+    return format_table(header, rows, markdown=True, left=(0, 6, 9, 10)), goals
 
 
 def notes(args: argparse.Namespace) -> List[str]:
@@ -492,7 +530,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time UniRepLKNet plain against eager+cl (and +keep) in strict alternation")
     parser.add_argument("--paired-only", action="store_true", help="only the paired check")
     parser.add_argument("--paired-rounds", type=int, default=10, help="rounds of the paired check (default 10)")
-    parser.add_argument("--paired-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--paired-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--output", type=Path, help="write a Markdown section with the results to this file")
@@ -519,8 +557,8 @@ def main(argv=None) -> None:
         memory_child(name, int(batch), int(size), bool(int(checkpointing)))
         return
     if args.paired_child:
-        name, batch, size, keep = args.paired_child
-        paired_child(name, int(batch), int(size), bool(int(keep)))
+        batch, size, keep = args.paired_child
+        paired_child(int(batch), int(size), bool(int(keep)))
         return
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else [sys.argv[0], *argv]))
     machine = f"{cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)"
@@ -547,9 +585,9 @@ def main(argv=None) -> None:
     forms = {"train form": 0, "deploy": 1, "model": 1, "training": 2}
     results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
     set_vs_plain(results)
-    paired, paired_results = paired_table(args) if args.paired or args.paired_only else ("", [])
+    paired, paired_goals = paired_table(args, matmul_rate) if args.paired or args.paired_only else ("", [])
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
-    goals = targets(results, matmul_rate) + paired_targets(paired_results) + memory_goals
+    goals = targets(results, matmul_rate) + paired_goals + memory_goals
 
     for markdown in ([False, True] if args.markdown and results else [False] if results else []):
         print()
@@ -576,9 +614,10 @@ def main(argv=None) -> None:
                         fastest_table(results, matmul_rate, markdown=True), ""]
             section += [f"- {note}" for note in notes(args)]
         if paired:
-            section += ["", "Paired check (deploy form; plain and eager+cl in a default-allocator worker, eager+cl in "
-                        "a keep_freed_memory() worker, timed in strict alternation; ratios are medians of per-round "
-                        "ratios):", "", paired]
+            section += ["", "Paired check (UniRepLKNet deploy form plain and eager+cl, its ConvNeXt V2 peer "
+                        "compiled+cl, in a default-allocator worker; both models' eager+cl and the peer's compiled+cl "
+                        "in a keep_freed_memory() worker; all timed in strict alternation; ratios are medians of "
+                        "per-round ratios):", "", paired]
         if memory:
             section += ["", "Training-step peak memory (one fresh process per row: peak resident memory during the "
                         "step minus resident memory before it):", "", memory]
