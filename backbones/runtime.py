@@ -95,8 +95,9 @@ def keep_freed_memory(enable: bool = True) -> bool:
 
     See the module documentation for why this speeds up CPU inference and training. Process-wide; returns whether the
     setting could be applied (glibc on Linux only; elsewhere nothing changes and ``False`` is returned).
-    ``enable=False`` sets both thresholds back to glibc's 128 KiB default and trims the heap; glibc's automatic
-    raising of the mmap threshold stays off until the process ends.
+    ``enable=False`` sets both thresholds back to glibc's 128 KiB default and trims the heap (its free pages go back
+    to the kernel); free blocks already in the heap may still serve later requests, and glibc's automatic raising
+    of the mmap threshold stays off until the process ends.
     """
     libc = _glibc()
     if libc is None:

@@ -268,10 +268,14 @@ class GRNwithNHWC(nn.Module):
         if use_bias:
             self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``gamma * N + 1``, the per-sample, per-channel factor ``(B, 1, 1, C)`` that :meth:`forward` applies."""
         g = _spatial_l2_norm(x)
         n = (g / (g.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
-        scale = self.gamma * n + 1
+        return self.gamma * n + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale(x)
         inplace = getattr(self, "inplace", False)  # modules pickled before the attribute existed
         if inplace and _may_overwrite() and torch.promote_types(x.dtype, scale.dtype) == x.dtype:
             out = x.mul_(scale)
@@ -306,10 +310,12 @@ class SEBlock(nn.Module):
         self.up = nn.Conv2d(internal_channels, channels, kernel_size=1, bias=True)
         self.nonlinear = nn.ReLU(inplace=True)
 
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample, per-channel factor ``(B, C, 1, 1)`` that :meth:`forward` multiplies ``x`` by."""
+        return torch.sigmoid(self.up(self.nonlinear(self.down(x.mean(dim=(2, 3), keepdim=True)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean(dim=(2, 3), keepdim=True)
-        s = torch.sigmoid(self.up(self.nonlinear(self.down(s))))
-        return x * s
+        return x * self.scale(x)
 
 
 class DilatedReparamBlock(nn.Module):
@@ -429,11 +435,11 @@ class UniRepLKNetBlock(nn.Module):
         return isinstance(self.norm, nn.Identity) and len(self.pwconv2) == 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.se(self.norm(self.dwconv(x)))
+        y = self.norm(self.dwconv(x))
         if self._fuse_linears(y):
             y = self._fused_ffn(y)
         else:
-            y = self.pwconv2(self.act(self.pwconv1(y)))
+            y = self.pwconv2(self.act(self.pwconv1(self.se(y))))
         if self.gamma is not None:
             y = self.gamma.view(1, -1, 1, 1) * y
         return x + self.drop_path(y)
@@ -448,16 +454,34 @@ class UniRepLKNetBlock(nn.Module):
             return False
         if type(self.pwconv1[1]) is not nn.Linear or type(self.pwconv2[0]) is not nn.Linear:
             return False  # e.g. a wrapped or quantised Linear: run it as it is
-        if type(self.act[1]) is not GRNwithNHWC:
+        if type(self.act[1]) is not GRNwithNHWC or type(self.se) is not SEBlock:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
-        modules = (self.pwconv1, self.act, self.pwconv2, *self.pwconv1, *self.act, *self.pwconv2)
+        modules = (self.se, self.pwconv1, self.act, self.pwconv2, *self.se.children(), *self.pwconv1, *self.act,
+                   *self.pwconv2)
         return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     def _fused_ffn(self, y: torch.Tensor) -> torch.Tensor:
-        """``pwconv2(act(pwconv1(y)))`` with ``Linear1+GELU`` as one oneDNN call and GRN in place."""
-        linear1, linear2 = self.pwconv1[1], self.pwconv2[0]
+        """``pwconv2(act(pwconv1(se(y))))`` without separate passes where they can be saved.
+
+        Deploy form on maps with at least ``4C`` pixels (the first two stages at 224 px): SE's and GRN's per-sample
+        channel factors scale the Linears' weights instead of the activations (one batched matmul per Linear, with
+        weights of ``B x 4C x C``), so neither multiply touches the ``(B, H, W, 4C)`` map; measured on T's first-stage
+        block at batch 16: 62 against 74 ms. Otherwise ``Linear1+GELU`` runs as one oneDNN call and GRN in place
+        (on smaller maps scaling the weights costs as much as scaling the activations)."""
+        linear1, linear2, grn = self.pwconv1[1], self.pwconv2[0], self.act[1]
+        batch, channels, height, width = y.shape
+        if height * width >= 4 * channels and len(self.pwconv2) == 2 and not grn.use_bias and linear2.bias is not None:
+            hidden = linear1.out_features
+            weight1 = linear1.weight.unsqueeze(0) * self.se.scale(y).view(batch, 1, channels)
+            h = torch.baddbmm(linear1.bias.view(1, 1, hidden), y.permute(0, 2, 3, 1).reshape(batch, -1, channels),
+                              weight1.transpose(1, 2))
+            h = torch.ops.aten.gelu_(h, approximate=self.act[0].approximate)
+            weight2 = linear2.weight.unsqueeze(0) * grn.scale(h.view(batch, height, width, hidden)).view(batch, 1, -1)
+            out = torch.baddbmm(linear2.bias.view(1, 1, channels), h, weight2.transpose(1, 2))
+            return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        y = self.se(y)
         h = torch.ops.mkldnn._linear_pointwise(y.permute(0, 2, 3, 1), linear1.weight, linear1.bias, "gelu", [], "none")
         h = self.act[1](h)
         out = torch.ops.mkldnn._linear_pointwise(h, linear2.weight, linear2.bias, "none", [], "").permute(0, 3, 1, 2)
