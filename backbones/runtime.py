@@ -62,11 +62,13 @@ def fast_ops_enabled() -> bool:
 def reference_ops() -> Iterator[None]:
     """Run UniRepLKNet blocks with their straightforward ops inside this context.
 
-    Outside it (the default) a block at inference (no autograd, no tracing) runs GELU and GRN in place on its own
-    temporaries, fuses ``Linear1`` with GELU (oneDNN, float32 on the CPU), and takes GRN's norm of small maps as a
-    sum of squares. Inside it every block runs ``Linear -> GELU -> GRN -> Linear`` as separate out-of-place ops with
-    ``torch.linalg.vector_norm``: the reference the fast paths are tested against and the "plain" form the benchmark
-    measures them against. Per thread / async context (a ``ContextVar``).
+    Outside it (the default) a block at inference (no autograd, no tracing, float32 on the CPU) either folds SE's
+    and GRN's per-sample factors into its Linears' weights (deploy form, maps of at least ``4C`` pixels) or runs
+    ``Linear1`` fused with GELU (oneDNN) and GRN in place; GELU and GRN write over the block's own temporaries, and
+    GRN's norm is a chunked sum of squares (that part in training too). Inside it every block runs
+    ``SE -> Linear -> GELU -> GRN -> Linear`` as separate out-of-place ops with ``torch.linalg.vector_norm``: the
+    reference the fast paths are tested against and the "plain" form the benchmark measures them against. Per
+    thread / async context (a ``ContextVar``).
     """
     token = _FAST_OPS.set(False)
     try:
