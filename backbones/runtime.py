@@ -134,12 +134,12 @@ def optimize_for_inference(
     """Turn ``model`` into its fastest measured inference form on the CPU and return what to call.
 
     In order: ``eval()``; the deploy form (``model.reparameterize()`` where the model has it: UniRepLKNet,
-    ``UniPerceiver``); channels-last weights, with a thin wrapper that hands every 4-D input over channels-last
-    (``channels_last``; a forward pre-hook converts a 4-D input of ``model(x)``, other methods take the input as it
-    comes); :func:`keep_freed_memory` for the whole process (``keep_memory``); and ``torch.compile`` (``compile``;
-    off by default: on the CPU it measured within noise of eager for UniRepLKNet once the other levers are in, and
-    compiling takes a minute). The model is changed in place and returned (wrapped by ``torch.compile`` if asked).
-    Outputs match the plain eval-mode model within float32 rounding (tested).
+    ``UniPerceiver``); channels-last weights and a forward pre-hook that hands a 4-D input of ``model(x)`` over
+    channels-last (``channels_last``; other methods take the input as it comes); :func:`keep_freed_memory` for the
+    whole process (``keep_memory``); and ``torch.compile`` (``compile``; off by default: on the CPU it measured
+    within noise of eager for UniRepLKNet once the other levers are in, and compiling takes a minute). The model is
+    changed in place and returned (wrapped by ``torch.compile`` if asked). Outputs match the plain eval-mode model
+    within float32 rounding (tested).
     """
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"optimize_for_inference needs an nn.Module, got {type(model).__name__}")

@@ -286,7 +286,7 @@ def targets(results: List[Result], matmul_rate: float) -> List[str]:
     def check(text: str, value: float, goal: float) -> None:
         lines.append(f"{'met' if value >= goal else 'UNMET'}: {text} ({value:.2f}, target >= {goal:g})")
 
-    # vs_plain is each row's speed over the eager row of its model, form and batch
+    # vs_plain is each row's speed over the plain row of its model, form and batch (see set_vs_plain)
     t16 = fastest(results, "unireplknet_t", "deploy", 16)
     if t16 and t16.vs_plain is not None:
         check(f"UniRepLKNet-T batch 16, fastest ({t16.variant}) over plain eager deploy", t16.vs_plain, 1.4)
@@ -528,7 +528,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-batch-size", type=int, default=32)
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--paired", action="store_true",
-                        help="also time UniRepLKNet plain against eager+cl (and +keep) in strict alternation")
+                        help="also time UniRepLKNet plain, its eager+cl ways and its ConvNeXt V2 peer's fastest ways "
+                             "in strict alternation")
     parser.add_argument("--paired-only", action="store_true", help="only the paired check")
     parser.add_argument("--paired-rounds", type=int, default=10, help="rounds of the paired check (default 10)")
     parser.add_argument("--paired-child", nargs=3, help=argparse.SUPPRESS)
