@@ -10,7 +10,7 @@ them::
 from .checkpoint import LoadReport, load_checkpoint, read_state_dict
 from .errors import BackboneError, CheckpointError, ConfigurationError, InputShapeError
 from .ops import DepthwiseConv2d, depthwise_conv2d
-from .runtime import keep_freed_memory, optimize_for_inference
+from .runtime import keep_freed_memory, native_bfloat16, optimize_for_inference
 from .unireplknet import (
     VARIANTS,
     DilatedReparamBlock,
@@ -35,6 +35,7 @@ __all__ = [
     "depthwise_conv2d",
     "keep_freed_memory",
     "load_checkpoint",
+    "native_bfloat16",
     "optimize_for_inference",
     "read_state_dict",
     "weights_dir",

@@ -41,7 +41,7 @@ from .errors import CheckpointError, ConfigurationError, InputShapeError
 _logger = logging.getLogger(__name__)
 from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d
 from .ops.depthwise import _tracing
-from .runtime import fast_ops_enabled
+from .runtime import fast_ops_enabled, native_bfloat16
 
 __all__ = [
     "UniRepLKNet",
@@ -207,6 +207,17 @@ def _may_overwrite() -> bool:
 _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _fused_dtypes() -> Tuple[torch.dtype, ...]:
+    """The dtypes the fused FFN runs in: float32, and bfloat16 where oneDNN computes it natively (AVX-512 BF16 or
+    AMX; elsewhere oneDNN would emulate it slowly and the module path is used)."""
+    if not _MKLDNN_LINEAR:
+        return ()
+    return (torch.float32, torch.bfloat16) if native_bfloat16() else (torch.float32,)
+
+
+_FUSED_DTYPES = _fused_dtypes()
+
+
 class GELU(nn.GELU):
     """``nn.GELU`` with ``inplace`` like ``nn.ReLU``'s, applied only when no autograd graph is being recorded.
 
@@ -240,11 +251,20 @@ def _spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
     accumulate = torch.promote_types(x.dtype, torch.float32)
     if not fast_ops_enabled():
         return torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True, dtype=accumulate)
+
+    def square_sum(part: torch.Tensor) -> torch.Tensor:
+        if part.dtype == torch.bfloat16:
+            # bfloat16 has float32's exponent range, so its squares cannot overflow, and PyTorch's CPU sum of
+            # bfloat16 accumulates in float32 (only the result is rounded): no float32 copy of the map is made
+            # (``sum(dtype=float32)`` would make one)
+            return part.square().sum(dim=(1, 2), keepdim=True).to(accumulate)
+        return part.to(accumulate).square().sum(dim=(1, 2), keepdim=True)
+
     if _tracing():
-        squares = x.to(accumulate).square().sum(dim=(1, 2), keepdim=True)
+        squares = square_sum(x)
     else:
         per_chunk = max(1, _SQUARE_SUM_CHUNK // max(1, x.shape[1] * x.shape[2] * x.shape[3]))
-        parts = [part.to(accumulate).square().sum(dim=(1, 2), keepdim=True) for part in x.split(per_chunk)]
+        parts = [square_sum(part) for part in x.split(per_chunk)]
         squares = parts[0] if len(parts) == 1 else torch.cat(parts)
     # sqrt has an infinite slope at 0 (an all-zero channel): give it the zero gradient vector_norm gives there
     nonzero = squares > 0
@@ -445,15 +465,20 @@ class UniRepLKNetBlock(nn.Module):
         return x + self.drop_path(y)
 
     def _fuse_linears(self, y: torch.Tensor) -> bool:
-        """Whether the FFN may run as oneDNN ``Linear1+GELU`` and ``Linear2``: float32 CPU inference, fast ops on,
-        the standard erf GELU, and no hooks on the FFN's modules (the fused path does not call them)."""
-        if not (_MKLDNN_LINEAR and y.device.type == "cpu" and y.dtype == torch.float32 and _may_overwrite()):
+        """Whether the FFN may run as oneDNN ``Linear1+GELU`` and ``Linear2``: CPU inference in float32 (or bfloat16
+        where the CPU has it natively) with the Linears' weights in that dtype and no autocast, fast ops on, the
+        standard erf GELU, and no hooks on the FFN's modules (the fused path does not call them)."""
+        if not (y.device.type == "cpu" and y.dtype in _FUSED_DTYPES and _may_overwrite()):
             return False
+        if torch.is_autocast_enabled("cpu"):
+            return False  # autocast decides each op's dtype: the modules run as autocast casts them
         gelu = self.act[0]
         if type(gelu) not in (GELU, nn.GELU) or gelu.approximate != "none":
             return False
         if type(self.pwconv1[1]) is not nn.Linear or type(self.pwconv2[0]) is not nn.Linear:
             return False  # e.g. a wrapped or quantised Linear: run it as it is
+        if self.pwconv1[1].weight.dtype != y.dtype or self.pwconv2[0].weight.dtype != y.dtype:
+            return False  # mixed precisions: the modules' own type promotion (or error) applies
         if type(self.act[1]) is not GRNwithNHWC or type(self.se) is not SEBlock:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:

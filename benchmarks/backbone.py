@@ -104,9 +104,22 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or "unknown CPU"
 
 
-def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
-    """Best-of-``repeats`` float32 ``torch.mm`` rate in GFLOP/s (2 * size^3 FLOPs per product)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def cpu_features() -> str:
+    """The vector and matrix extensions that decide CPU float32 and bfloat16 speed, from ``/proc/cpuinfo``."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16")]
+    present = [label for flag, label in wanted if flag in flags]
+    return ", ".join(present) if present else "no AVX2"
+
+
+def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``repeats`` ``torch.mm`` rate in GFLOP/s (2 * size^3 FLOPs per product) in ``dtype``."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     out = torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -136,11 +149,16 @@ def forward_gflops(model: torch.nn.Module, image_size: int) -> float:
 
 
 def in_layout(tensor: torch.Tensor, variant: str) -> torch.Tensor:
+    if "bf16" in variant:
+        tensor = tensor.to(torch.bfloat16)
     return tensor.contiguous(memory_format=torch.channels_last) if "+cl" in variant else tensor.contiguous()
 
 
 def runnable(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    """The model laid out and (for ``compiled`` variants) wrapped as ``variant`` says; a fresh compilation."""
+    """The model laid out, in bfloat16 (``bf16`` variants) and (for ``compiled`` variants) wrapped as ``variant``
+    says; a fresh compilation."""
+    if "bf16" in variant:
+        model = model.to(torch.bfloat16)
     model = model.to(memory_format=torch.channels_last if "+cl" in variant else torch.contiguous_format)
     if variant.startswith("compiled"):
         torch._dynamo.reset()
@@ -148,9 +166,11 @@ def runnable(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return model
 
 
-def inference_step(model: Callable, images: torch.Tensor, reference: bool = False) -> Callable[[], None]:
+def inference_step(model: Callable, images: torch.Tensor, reference: bool = False,
+                   autocast: bool = False) -> Callable[[], None]:
     def step() -> None:
-        with torch.no_grad(), (reference_ops() if reference else contextlib.nullcontext()):
+        with torch.no_grad(), (reference_ops() if reference else contextlib.nullcontext()), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model(images)
 
     return step
@@ -373,6 +393,11 @@ PEERS = {"unireplknet_a": "convnextv2_atto", "unireplknet_t": "convnextv2_tiny"}
 # (worker, which model, way) timed in this order every round: "ours" is the UniRepLKNet model, "peer" its ConvNeXt V2
 PAIRED_KEYS = (("default", "ours", "plain"), ("default", "ours", "eager+cl"), ("keep", "ours", "eager+cl"),
                ("default", "peer", "compiled+cl"), ("keep", "peer", "eager+cl"), ("keep", "peer", "compiled+cl"))
+# the bfloat16 check, all after keep_freed_memory(): our float32 eager+cl against our bfloat16 ways (the whole model
+# in bfloat16, as optimize_for_inference(dtype=torch.bfloat16) makes it, and float32 weights under bfloat16 autocast)
+# and the peer's bfloat16 ways
+BF16_PAIRED_KEYS = (("keep", "ours", "eager+cl"), ("keep", "ours", "bf16+cl"), ("keep", "ours", "autocast+cl"),
+                    ("keep", "peer", "bf16+cl"), ("keep", "peer", "compiled+bf16+cl"), ("keep", "peer", "autocast+cl"))
 
 
 def paired_child(batch: int, image_size: int, keep: bool) -> None:
@@ -390,7 +415,7 @@ def paired_child(batch: int, image_size: int, keep: bool) -> None:
             model.reparameterize()
         if way == "plain":
             return inference_step(model, images, reference=True)
-        return inference_step(runnable(model, way), in_layout(images, way))
+        return inference_step(runnable(model, way), in_layout(images, way), autocast="autocast" in way)
 
     print("ready", flush=True)
     for line in sys.stdin:
@@ -402,12 +427,12 @@ def paired_child(batch: int, image_size: int, keep: bool) -> None:
         print(time.perf_counter() - start, flush=True)
 
 
-def paired_times(name: str, batch: int, args: argparse.Namespace) -> dict:
-    """Seconds of every :data:`PAIRED_KEYS` way in each of ``args.paired_rounds`` rounds, timed in strict alternation
-    in two worker processes (default allocator, and after ``keep_freed_memory()``)."""
+def paired_times(name: str, batch: int, args: argparse.Namespace, keys=PAIRED_KEYS) -> dict:
+    """Seconds of every way of ``keys`` in each of ``args.paired_rounds`` rounds, timed in strict alternation in
+    worker processes (default allocator, and after ``keep_freed_memory()``, as the keys name them)."""
     models = {"ours": name, "peer": PEERS[name]}
     workers = {}
-    for allocator in ("default", "keep"):
+    for allocator in dict.fromkeys(key[0] for key in keys):
         workers[allocator] = subprocess.Popen(
             [sys.executable, __file__, "--paired-child", str(batch), str(args.image_size),
              str(int(allocator == "keep"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -425,11 +450,11 @@ def paired_times(name: str, batch: int, args: argparse.Namespace) -> dict:
         return float(answer)
 
     for _ in range(max(1, args.warmup)):
-        for key in PAIRED_KEYS:
+        for key in keys:
             run(key)
-    times = {key: [] for key in PAIRED_KEYS}
+    times = {key: [] for key in keys}
     for _ in range(args.paired_rounds):
-        for key in PAIRED_KEYS:
+        for key in keys:
             times[key].append(run(key))
     for worker in workers.values():
         worker.stdin.close()
@@ -489,6 +514,38 @@ def paired_table(args: argparse.Namespace, matmul_rate: float) -> Tuple[str, Lis
     return format_table(header, rows, markdown=True, left=(0, 6, 9, 10)), goals
 
 
+def bf16_table(args: argparse.Namespace, bf16_matmul_rate: float) -> Tuple[str, List[str]]:
+    """Our float32 eager+cl against our bfloat16 ways and the peer's (:data:`BF16_PAIRED_KEYS`), timed in strict
+    alternation after ``keep_freed_memory()``. Returns the table and the target lines (bfloat16 faster than our
+    float32 path)."""
+    rows, goals = [], []
+    fp32 = ("keep", "ours", "eager+cl")
+    for name in [m for m in args.models if m in UNIREPLKNET_MODELS]:
+        peer = PEERS[name]
+        gflops = forward_gflops(timm.create_model(name, pretrained=False).eval().reparameterize(), args.image_size)
+        for batch in args.batch_sizes:
+            times = paired_times(name, batch, args, BF16_PAIRED_KEYS)
+            speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
+            ours = max((k for k in BF16_PAIRED_KEYS if k[1] == "ours" and k != fp32), key=speed.get)
+            theirs = max((k for k in BF16_PAIRED_KEYS if k[1] == "peer"), key=speed.get)
+            over_fp32 = paired_ratio(times, fp32, ours)
+            autocast_over_fp32 = paired_ratio(times, fp32, ("keep", "ours", "autocast+cl"))
+            over_peer = paired_ratio(times, theirs, ours)
+            rows.append([name, str(batch), str(args.paired_rounds), f"{speed[fp32]:.1f}",
+                         f"{speed['keep', 'ours', 'bf16+cl']:.1f}", f"{speed['keep', 'ours', 'autocast+cl']:.1f}",
+                         paired_label(ours), f"{over_fp32:.2f}x", f"{autocast_over_fp32:.2f}x",
+                         f"{speed[ours] * gflops / bf16_matmul_rate:.1%}", peer, paired_label(theirs),
+                         f"{speed[theirs]:.1f}", f"{over_peer:.2f}x"])
+            print(f"  {name:<16} bfloat16, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
+            goals.append(f"{'met' if over_fp32 > 1 else 'UNMET'}: UniRepLKNet-{name[-1].upper()} batch {batch}, "
+                         f"paired, bfloat16 ({paired_label(ours)}) over float32 eager+cl+keep ({over_fp32:.2f}, "
+                         f"target > 1)")
+    header = ["model", "batch", "rounds", "float32 eager+cl+keep img/s", "bf16+cl+keep img/s",
+              "autocast+cl+keep img/s", "fastest bf16", "vs float32", "autocast vs float32", "of bf16 matmul", "peer",
+              "peer's fastest bf16", "peer img/s", "vs peer"]
+    return format_table(header, rows, markdown=True, left=(0, 6, 10, 11)), goals
+
+
 def notes(args: argparse.Namespace) -> List[str]:
     return [
         f"Input {args.image_size}x{args.image_size} px, float32, random weights; inference batch "
@@ -531,6 +588,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time UniRepLKNet plain, its eager+cl ways and its ConvNeXt V2 peer's fastest ways "
                              "in strict alternation")
     parser.add_argument("--paired-only", action="store_true", help="only the paired check")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time UniRepLKNet and its ConvNeXt V2 peer in bfloat16 (the whole model, and "
+                             "autocast) against our float32 eager+cl, in strict alternation")
+    parser.add_argument("--bf16-only", action="store_true", help="only the bfloat16 check")
     parser.add_argument("--paired-rounds", type=int, default=10, help="rounds of the paired check (default 10)")
     parser.add_argument("--paired-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
@@ -566,15 +627,20 @@ def main(argv=None) -> None:
     machine = f"{cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)"
     matmul_rate = matmul_gflops()
     facts = [
-        f"Machine: {machine}",
+        f"Machine: {machine}; {cpu_features()}",
         f"torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
         f"torch threads {torch.get_num_threads()} (default, not set)",
         f"float32 matmul rate: {matmul_rate:.1f} GFLOP/s (best of 5 torch.mm {MATMUL_SIZE}x{MATMUL_SIZE})",
     ]
+    bf16 = args.bf16 or args.bf16_only
+    bf16_matmul_rate = matmul_gflops(dtype=torch.bfloat16) if bf16 else float("nan")
+    if bf16:
+        facts.append(f"bfloat16 matmul rate: {bf16_matmul_rate:.1f} GFLOP/s (best of 5 torch.mm "
+                     f"{MATMUL_SIZE}x{MATMUL_SIZE}; oneDNN bfloat16 native: {backbones.native_bfloat16()})")
     print("\n".join(facts), flush=True)
 
     results: List[Result] = []
-    only = args.memory_only or args.paired_only
+    only = args.memory_only or args.paired_only or args.bf16_only
     for name in [] if only else args.models:
         results.extend(benchmark_model(name, args))
     if args.keep_variants and not only:
@@ -588,8 +654,9 @@ def main(argv=None) -> None:
     results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
     set_vs_plain(results)
     paired, paired_goals = paired_table(args, matmul_rate) if args.paired or args.paired_only else ("", [])
+    low, low_goals = bf16_table(args, bf16_matmul_rate) if bf16 else ("", [])
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
-    goals = targets(results, matmul_rate) + paired_goals + memory_goals
+    goals = targets(results, matmul_rate) + paired_goals + low_goals + memory_goals
 
     for markdown in ([False, True] if args.markdown and results else [False] if results else []):
         print()
@@ -601,6 +668,9 @@ def main(argv=None) -> None:
     if paired:
         print()
         print(paired)
+    if low:
+        print()
+        print(low)
     if memory:
         print()
         print(memory)
@@ -620,11 +690,17 @@ def main(argv=None) -> None:
                         "compiled+cl, in a default-allocator worker; both models' eager+cl and the peer's compiled+cl "
                         "in a keep_freed_memory() worker; all timed in strict alternation; ratios are medians of "
                         "per-round ratios):", "", paired]
+        if low:
+            section += ["", "bfloat16 check (after keep_freed_memory(), all timed in strict alternation in one worker: "
+                        "our float32 eager+cl, our deploy form wholly in bfloat16 (`bf16+cl`, what "
+                        "`optimize_for_inference(dtype=torch.bfloat16)` makes) and under bfloat16 autocast with "
+                        "float32 weights (`autocast+cl`), the peer in bfloat16 eager, compiled and under autocast; "
+                        "ratios are medians of per-round ratios):", "", low]
         if memory:
             section += ["", "Training-step peak memory (one fresh process per row: peak resident memory during the "
                         "step minus resident memory before it):", "", memory]
         if goals:
-            section += ["", "Targets (float32):", "", *(f"- {goal}" for goal in goals)]
+            section += ["", "Targets:", "", *(f"- {goal}" for goal in goals)]
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text("\n".join(section) + "\n")
         print(f"\nwrote {args.output}")

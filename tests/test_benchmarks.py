@@ -60,6 +60,26 @@ def test_backbone_benchmark_paired_check(tmp_path):
 
 
 @pytest.mark.slow
+def test_backbone_benchmark_bfloat16_check(tmp_path):
+    report = tmp_path / "bf16.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--bf16-only", "--models", "unireplknet_a",
+         "--image-size", "64", "--batch-sizes", "2", "--paired-rounds", "2", "--warmup", "1", "--output", str(report)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = report.read_text()
+    assert "bfloat16 matmul rate" in text
+    row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 2 | 2 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(float(cells[i]) > 0 for i in (3, 4, 5, 12))  # float32, bf16, autocast, the peer's fastest
+    assert cells[6] in ("bf16+cl+keep", "autocast+cl+keep") and cells[10] == "convnextv2_atto"
+    assert cells[11] in ("bf16+cl+keep", "compiled+bf16+cl+keep", "autocast+cl+keep")
+    assert all(float(cells[i].rstrip("x")) > 0 for i in (7, 8, 13)) and cells[9].endswith("%")
+    assert "paired, bfloat16" in text and "over float32 eager+cl+keep" in text
+
+
+@pytest.mark.slow
 def test_backbone_benchmark_measures_training_memory_with_and_without_checkpointing(tmp_path):
     report = tmp_path / "memory.md"
     done = subprocess.run(
@@ -105,3 +125,26 @@ def test_accuracy_floors_quick(tmp_path):
     assert "## Demos against their baselines and floors" in text and "| NO |" not in text
     for name in ("digits", "co2"):
         assert f"| {name} |" in text
+
+
+@pytest.mark.slow
+def test_bf16_agreement_on_a_trained_demo_model(tmp_path):
+    from uniperception.demo import run_demo
+
+    run_demo("digits", output=str(tmp_path), quick=True, progress=False)  # one epoch: a real, if weak, model
+    report = tmp_path / "bf16.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bf16_agreement.py"), "--runs", str(tmp_path), "--datasets",
+         "digits", "--no-progress", "--output", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in report.read_text().splitlines() if line.startswith("| digits | image |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert int(cells[2]) > 100  # the whole test split
+    float32_top1 = float(cells[3].rstrip("%"))
+    for agreement, error in ((cells[5], cells[6]), (cells[8], cells[9])):
+        assert 90.0 <= float(agreement.split("%")[0]) <= 100.0
+        median, largest = (float(value) for value in error.split(" / "))
+        assert 0 <= median <= largest < 3e-2
+    assert abs(float(cells[4].rstrip("%")) - float32_top1) < 5.0

@@ -224,3 +224,89 @@ def test_keep_freed_memory_serves_large_blocks_from_the_reused_heap():
     assert kept[0] < 64 and kept[1] >= 64, f"kept: the block comes from the heap and stays free there: {kept}"
     assert restored[0] >= 256, f"restored: a mapping again: {restored}"
     assert kept[2] <= default[2]
+
+
+# bfloat16 inference: max |logit difference| / max |float32 logit| (measured 0.5-1.2% on A and T, 64 and 160 px)
+BFLOAT16_TOLERANCE = 3e-2
+
+
+@pytest.mark.parametrize("name, size", [("unireplknet_a", 64), ("unireplknet_a", 160), ("unireplknet_t", 64)])
+def test_bfloat16_inference_is_within_its_tolerance_of_float32(name, size):
+    model = _model(name)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    low = backbones.optimize_for_inference(model, dtype=torch.bfloat16, keep_memory=False)
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+    with torch.no_grad():
+        fast = low(x)  # a float32 NCHW input is handed over as bfloat16, channels-last
+        with reference_ops():
+            reference = low(x)
+    assert fast.dtype == torch.bfloat16 and torch.isfinite(fast).all()
+    assert relative_error(fast.float(), expected) < BFLOAT16_TOLERANCE
+    assert relative_error(reference.float(), expected) < BFLOAT16_TOLERANCE
+    # the fused bfloat16 path and the straightforward ops differ by bfloat16 rounding only
+    assert relative_error(fast.float(), reference.float()) < BFLOAT16_TOLERANCE
+
+
+def test_fused_path_runs_in_bfloat16_only_where_the_cpu_has_it_and_never_under_autocast(monkeypatch):
+    block = randomise_statistics(UniRepLKNetBlock(16, 7).eval())
+    block.reparameterize()
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        y = block.dwconv(x)
+        assert block._fuse_linears(y) == backbones.unireplknet._MKLDNN_LINEAR
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not block._fuse_linears(y), "autocast decides each op's dtype"
+        assert not block._fuse_linears(y.bfloat16()), "float32 weights with a bfloat16 map take the module path"
+        block.bfloat16()
+        low = block.dwconv(x.bfloat16())
+        assert block._fuse_linears(low) == (torch.bfloat16 in backbones.unireplknet._FUSED_DTYPES)
+        assert (torch.bfloat16 in backbones.unireplknet._FUSED_DTYPES) == (
+            backbones.unireplknet._MKLDNN_LINEAR and backbones.native_bfloat16())
+        monkeypatch.setattr(backbones.unireplknet, "_FUSED_DTYPES", (torch.float32,))
+        assert not block._fuse_linears(low)
+
+
+def test_grn_norm_of_bfloat16_input_is_summed_in_float32():
+    x = torch.full((2, 64, 64, 3), 3.0, dtype=torch.bfloat16)  # 4096 squares of 9: a bfloat16 running sum stalls
+    x[1, :, :, 2] = 0.0
+    norm = _spatial_l2_norm(x)
+    assert norm.dtype == torch.float32
+    assert torch.allclose(norm[0], torch.full_like(norm[0], 192.0), rtol=4e-3)  # sqrt(4096 * 9), bfloat16 rounding
+    assert norm[1, 0, 0, 2] == 0.0
+    y = torch.randn(3, 20, 20, 8, dtype=torch.bfloat16)
+    with reference_ops():
+        expected = _spatial_l2_norm(y)
+    assert torch.allclose(_spatial_l2_norm(y), expected, rtol=4e-3)
+
+
+def test_optimize_for_inference_checks_its_dtype_and_warns_without_native_bfloat16(monkeypatch, caplog):
+    with pytest.raises(backbones.ConfigurationError, match="dtype"):
+        backbones.optimize_for_inference(_model(), dtype=torch.float16, keep_memory=False)
+    monkeypatch.setattr(backbones.runtime, "native_bfloat16", lambda: False)
+    model = _model()
+    with caplog.at_level("WARNING", logger="backbones.runtime"):
+        backbones.optimize_for_inference(model, dtype=torch.bfloat16, keep_memory=False)
+    assert "no native bfloat16" in caplog.text
+    backbones.optimize_for_inference(model, dtype=torch.bfloat16, keep_memory=False)
+    assert len(model._forward_pre_hooks) == 1
+    with torch.no_grad():  # a bfloat16 input passes through unchanged, a float64 one is cast
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.bfloat16
+
+
+def test_optimize_for_inference_in_bfloat16_serves_a_uniperceiver(tmp_path):
+    from uniperception import UniPerceiver
+
+    model = UniPerceiver("time_series", backbone="unireplknet_a", num_classes=3, length=32, num_variables=2,
+                         min_d_model=16)
+    randomise_statistics(model)
+    series = torch.randn(4, 32, 2 + 6)  # preprocessed: 2 variables and 6 time features
+    with torch.no_grad():
+        expected = model.eval()(series)
+    backbones.optimize_for_inference(model, dtype=torch.bfloat16, keep_memory=False)
+    with torch.no_grad():
+        low = model(series)  # a 3-D float32 batch: cast to bfloat16, layout left as it is
+    assert low.dtype == torch.bfloat16
+    assert relative_error(low.float(), expected) < BFLOAT16_TOLERANCE
