@@ -465,20 +465,24 @@ class UniRepLKNetBlock(nn.Module):
         return x + self.drop_path(y)
 
     def _fuse_linears(self, y: torch.Tensor) -> bool:
-        """Whether the FFN may run as oneDNN ``Linear1+GELU`` and ``Linear2``: CPU inference in float32 (or bfloat16
-        where the CPU has it natively) with the Linears' weights in that dtype and no autocast, fast ops on, the
-        standard erf GELU, and no hooks on the FFN's modules (the fused path does not call them)."""
-        if not (y.device.type == "cpu" and y.dtype in _FUSED_DTYPES and _may_overwrite()):
+        """Whether the FFN may run as oneDNN ``Linear1+GELU`` and ``Linear2``: CPU inference, fast ops on, the
+        standard erf GELU, no hooks on the FFN's modules (the fused path does not call them), and either the map and
+        the Linears' weights in one of :data:`_FUSED_DTYPES` (float32, and bfloat16 where the CPU has it natively)
+        or, under bfloat16 autocast, a bfloat16 map (the Linears then run in bfloat16, as autocast would run them)."""
+        if not (y.device.type == "cpu" and _may_overwrite()):
             return False
+        weight_dtypes = {self.pwconv1[1].weight.dtype, self.pwconv2[0].weight.dtype}
         if torch.is_autocast_enabled("cpu"):
-            return False  # autocast decides each op's dtype: the modules run as autocast casts them
+            if not (torch.get_autocast_dtype("cpu") == torch.bfloat16 and y.dtype == torch.bfloat16
+                    and torch.bfloat16 in _FUSED_DTYPES and weight_dtypes <= {torch.float32, torch.bfloat16}):
+                return False
+        elif y.dtype not in _FUSED_DTYPES or weight_dtypes != {y.dtype}:
+            return False  # mixed precisions: the modules' own type promotion (or error) applies
         gelu = self.act[0]
         if type(gelu) not in (GELU, nn.GELU) or gelu.approximate != "none":
             return False
         if type(self.pwconv1[1]) is not nn.Linear or type(self.pwconv2[0]) is not nn.Linear:
             return False  # e.g. a wrapped or quantised Linear: run it as it is
-        if self.pwconv1[1].weight.dtype != y.dtype or self.pwconv2[0].weight.dtype != y.dtype:
-            return False  # mixed precisions: the modules' own type promotion (or error) applies
         if type(self.act[1]) is not GRNwithNHWC or type(self.se) is not SEBlock:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
@@ -488,28 +492,38 @@ class UniRepLKNetBlock(nn.Module):
         return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     def _fused_ffn(self, y: torch.Tensor) -> torch.Tensor:
-        """``pwconv2(act(pwconv1(se(y))))`` without separate passes where they can be saved.
+        """``pwconv2(act(pwconv1(se(y))))`` without separate passes where they can be saved, in ``y``'s dtype.
 
         Deploy form on maps with at least ``4C`` pixels (the first two stages at 224 px): SE's and GRN's per-sample
         channel factors scale the Linears' weights instead of the activations (one batched matmul per Linear, with
         weights of ``B x 4C x C``), so neither multiply touches the ``(B, H, W, 4C)`` map; measured on T's first-stage
         block at batch 16: 62 against 74 ms. Otherwise ``Linear1+GELU`` runs as one oneDNN call and GRN in place
-        (on smaller maps scaling the weights costs as much as scaling the activations)."""
+        (on smaller maps scaling the weights costs as much as scaling the activations). Under bfloat16 autocast the
+        weights are cast to bfloat16 here (autocast would cast them for its Linears too) and GRN's factor as well,
+        so the expanded map stays in bfloat16 (the module path promotes it to float32 against GRN's float32 gamma)."""
         linear1, linear2, grn = self.pwconv1[1], self.pwconv2[0], self.act[1]
         batch, channels, height, width = y.shape
-        if height * width >= 4 * channels and len(self.pwconv2) == 2 and not grn.use_bias and linear2.bias is not None:
-            hidden = linear1.out_features
-            weight1 = linear1.weight.unsqueeze(0) * self.se.scale(y).view(batch, 1, channels)
-            h = torch.baddbmm(linear1.bias.view(1, 1, hidden), y.permute(0, 2, 3, 1).reshape(batch, -1, channels),
-                              weight1.transpose(1, 2))
-            h = torch.ops.aten.gelu_(h, approximate=self.act[0].approximate)
-            weight2 = linear2.weight.unsqueeze(0) * grn.scale(h.view(batch, height, width, hidden)).view(batch, 1, -1)
-            out = torch.baddbmm(linear2.bias.view(1, 1, channels), h, weight2.transpose(1, 2))
-            return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        y = self.se(y)
-        h = torch.ops.mkldnn._linear_pointwise(y.permute(0, 2, 3, 1), linear1.weight, linear1.bias, "gelu", [], "none")
-        h = self.act[1](h)
-        out = torch.ops.mkldnn._linear_pointwise(h, linear2.weight, linear2.bias, "none", [], "").permute(0, 3, 1, 2)
+        dtype = y.dtype
+        se_scale = self.se.scale(y).to(dtype)  # SE's 1x1 convs run as autocast (if on) casts them
+        with torch.autocast("cpu", enabled=False):
+            weight1, bias1, weight2 = linear1.weight.to(dtype), linear1.bias.to(dtype), linear2.weight.to(dtype)
+            bias2 = None if linear2.bias is None else linear2.bias.to(dtype)
+            if height * width >= 4 * channels and len(self.pwconv2) == 2 and not grn.use_bias and bias2 is not None:
+                hidden = linear1.out_features
+                scaled1 = weight1.unsqueeze(0) * se_scale.view(batch, 1, channels)
+                h = torch.baddbmm(bias1.view(1, 1, hidden), y.permute(0, 2, 3, 1).reshape(batch, -1, channels),
+                                  scaled1.transpose(1, 2))
+                h = torch.ops.aten.gelu_(h, approximate=self.act[0].approximate)
+                grn_scale = grn.scale(h.view(batch, height, width, hidden)).to(dtype)
+                scaled2 = weight2.unsqueeze(0) * grn_scale.view(batch, 1, -1)
+                out = torch.baddbmm(bias2.view(1, 1, channels), h, scaled2.transpose(1, 2))
+                return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+            y = y * se_scale
+            h = torch.ops.mkldnn._linear_pointwise(y.permute(0, 2, 3, 1), weight1, bias1, "gelu", [], "none")
+            h = h.mul_(grn.scale(h).to(dtype))  # GRN in place
+            if grn.use_bias:
+                h = h.add_(grn.beta.to(dtype))
+            out = torch.ops.mkldnn._linear_pointwise(h, weight2, bias2, "none", [], "").permute(0, 3, 1, 2)
         return self.pwconv2[2](out) if len(self.pwconv2) == 3 else out
 
     @torch.no_grad()

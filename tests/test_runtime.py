@@ -249,7 +249,7 @@ def test_bfloat16_inference_is_within_its_tolerance_of_float32(name, size):
     assert relative_error(fast.float(), reference.float()) < BFLOAT16_TOLERANCE
 
 
-def test_fused_path_runs_in_bfloat16_only_where_the_cpu_has_it_and_never_under_autocast(monkeypatch):
+def test_fused_path_runs_in_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     block = randomise_statistics(UniRepLKNetBlock(16, 7).eval())
     block.reparameterize()
     x = torch.randn(2, 16, 9, 9)
@@ -257,7 +257,10 @@ def test_fused_path_runs_in_bfloat16_only_where_the_cpu_has_it_and_never_under_a
         y = block.dwconv(x)
         assert block._fuse_linears(y) == backbones.unireplknet._MKLDNN_LINEAR
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not block._fuse_linears(y), "autocast decides each op's dtype"
+            assert not block._fuse_linears(y), "a float32 map under autocast: autocast casts each module's input"
+            assert block._fuse_linears(y.bfloat16()) == (torch.bfloat16 in backbones.unireplknet._FUSED_DTYPES)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not block._fuse_linears(y.half())
         assert not block._fuse_linears(y.bfloat16()), "float32 weights with a bfloat16 map take the module path"
         block.bfloat16()
         low = block.dwconv(x.bfloat16())
@@ -266,6 +269,27 @@ def test_fused_path_runs_in_bfloat16_only_where_the_cpu_has_it_and_never_under_a
             backbones.unireplknet._MKLDNN_LINEAR and backbones.native_bfloat16())
         monkeypatch.setattr(backbones.unireplknet, "_FUSED_DTYPES", (torch.float32,))
         assert not block._fuse_linears(low)
+
+
+@pytest.mark.parametrize("form", ["train", "deploy"])
+@pytest.mark.parametrize("size", [64, 160])
+def test_fast_ops_under_bfloat16_autocast_match_the_module_path(form, size):
+    model = _model()
+    if form == "deploy":
+        model.reparameterize()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with reference_ops():
+                reference = model(x)
+            fast = model(x)
+            channels_last = model.to(memory_format=torch.channels_last)(
+                x.contiguous(memory_format=torch.channels_last))
+    for out in (fast, channels_last, reference):
+        assert torch.isfinite(out).all() and relative_error(out.float(), expected) < BFLOAT16_TOLERANCE
+    assert relative_error(fast.float(), reference.float()) < BFLOAT16_TOLERANCE
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "autocast leaves the weights alone"
 
 
 def test_grn_norm_of_bfloat16_input_is_summed_in_float32():
