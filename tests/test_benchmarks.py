@@ -10,15 +10,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *arguments: str, timeout: int = 600) -> None:
+    """Run ``benchmarks/<script>.py`` with ``arguments`` in a fresh interpreter; fail with its output's end."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *arguments],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_dwconv_benchmark_writes_a_policy_and_a_report(tmp_path):
     policy, report = tmp_path / "policy.json", tmp_path / "dwconv.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "dwconv.py"), "--quick", "--write-policy", "--policy-path",
-         str(policy), "--verify", "--output", str(report)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("dwconv", "--quick", "--write-policy", "--policy-path", str(policy), "--verify", "--output",
+                  str(report))
     entries = json.loads(policy.read_text())["entries"]
     assert len(entries) == 32  # 4 layer shapes x 2 kernel sizes x 2 layouts x 2 modes at batch 1
     assert {e["mode"] for e in entries} == {"inference", "training"}
@@ -29,12 +32,7 @@ def test_dwconv_benchmark_writes_a_policy_and_a_report(tmp_path):
 @pytest.mark.slow
 def test_backbone_benchmark_quick_run(tmp_path):
     report = tmp_path / "backbone.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--quick", "--models", "unireplknet_a",
-         "convnextv2_atto", "--output", str(report)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("backbone", "--quick", "--models", "unireplknet_a", "convnextv2_atto", "--output", str(report))
     text = report.read_text()
     assert "unireplknet_a" in text and "convnextv2_atto" in text and "deploy" in text
 
@@ -42,12 +40,8 @@ def test_backbone_benchmark_quick_run(tmp_path):
 @pytest.mark.slow
 def test_backbone_benchmark_paired_check(tmp_path):
     report = tmp_path / "paired.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--paired-only", "--models", "unireplknet_a",
-         "--image-size", "64", "--batch-sizes", "2", "--paired-rounds", "3", "--warmup", "1", "--output", str(report)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("backbone", "--paired-only", "--models", "unireplknet_a", "--image-size", "64", "--batch-sizes", "2",
+                  "--paired-rounds", "3", "--warmup", "1", "--output", str(report))
     text = report.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 2 | 3 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -62,12 +56,8 @@ def test_backbone_benchmark_paired_check(tmp_path):
 @pytest.mark.slow
 def test_backbone_benchmark_bfloat16_check(tmp_path):
     report = tmp_path / "bf16.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--bf16-only", "--models", "unireplknet_a",
-         "--image-size", "64", "--batch-sizes", "2", "--paired-rounds", "2", "--warmup", "1", "--output", str(report)],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("backbone", "--bf16-only", "--models", "unireplknet_a", "--image-size", "64", "--batch-sizes", "2",
+                  "--paired-rounds", "2", "--warmup", "1", "--output", str(report), timeout=900)
     text = report.read_text()
     assert "bfloat16 matmul rate" in text
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 2 | 2 |"))
@@ -82,12 +72,8 @@ def test_backbone_benchmark_bfloat16_check(tmp_path):
 @pytest.mark.slow
 def test_backbone_benchmark_measures_training_memory_with_and_without_checkpointing(tmp_path):
     report = tmp_path / "memory.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "backbone.py"), "--memory-only", "--memory-models",
-         "unireplknet_a", "--memory-batch-size", "4", "--image-size", "64", "--output", str(report)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("backbone", "--memory-only", "--memory-models", "unireplknet_a", "--memory-batch-size", "4",
+                  "--image-size", "64", "--output", str(report))
     text = report.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 4 |"))
     plain, checkpointed = (float(cell) for cell in row.split("|")[3:5])
@@ -98,11 +84,7 @@ def test_backbone_benchmark_measures_training_memory_with_and_without_checkpoint
 @pytest.mark.slow
 def test_preprocess_benchmark_quick_run(tmp_path):
     report = tmp_path / "preprocess.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "preprocess.py"), "--quick", "--output", str(report)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("preprocess", "--quick", "--output", str(report))
     text = report.read_text()
     for name in ("image 224", "audio 1 s", "audio 10 s", "video 16x224", "point cloud p2p", "point cloud depth",
                  "time series L=96"):
@@ -115,12 +97,7 @@ def test_accuracy_floors_quick(tmp_path):
     """The quick version of benchmarks/accuracy.py: the demos of the cheap sets, trained in full, reach their
     floors (the script exits 1 otherwise)."""
     results = tmp_path / "RESULTS.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--output", str(tmp_path / "runs"),
-         "--results", str(results)],
-        capture_output=True, text=True, timeout=1800,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_benchmark("accuracy", "--quick", "--output", str(tmp_path / "runs"), "--results", str(results), timeout=1800)
     text = results.read_text()
     assert "## Demos against their baselines and floors" in text and "| NO |" not in text
     for name in ("digits", "co2"):
@@ -133,12 +110,8 @@ def test_bf16_agreement_on_a_trained_demo_model(tmp_path):
 
     run_demo("digits", output=str(tmp_path), quick=True, progress=False)  # one epoch: a real, if weak, model
     report = tmp_path / "bf16.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bf16_agreement.py"), "--runs", str(tmp_path), "--datasets",
-         "digits", "--no-progress", "--output", str(report)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("bf16_agreement", "--runs", str(tmp_path), "--datasets", "digits", "--no-progress", "--output",
+                  str(report))
     row = next(line for line in report.read_text().splitlines() if line.startswith("| digits | image |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert int(cells[2]) > 100  # the whole test split
