@@ -71,10 +71,10 @@ def reference_ops() -> Iterator[None]:
     """Run UniRepLKNet blocks with their straightforward ops inside this context.
 
     Outside it (the default) a block at inference (no autograd, no tracing, on the CPU in float32, or in bfloat16
-    where the CPU has it natively, bfloat16 autocast included) either folds SE's and GRN's per-sample factors into
-    its Linears' weights (deploy form, maps of at least ``4C`` pixels) or runs ``Linear1`` fused with GELU (oneDNN)
-    and GRN in place; GELU and GRN write over the block's own temporaries, and
-    GRN's norm is a chunked sum of squares (that part in training too). Inside it every block runs
+    where the CPU has it natively, bfloat16 autocast included) runs ``Linear1`` fused with GELU (oneDNN), then
+    either folds GRN's per-sample factor into ``Linear2``'s weights (deploy form, maps of at least ``4C`` pixels)
+    or applies GRN in place; GELU and GRN write over the block's own temporaries, and GRN's norm is a chunked sum
+    of squares (that part in training too). Inside it every block runs
     ``SE -> Linear -> GELU -> GRN -> Linear`` as separate out-of-place ops with ``torch.linalg.vector_norm``: the
     reference the fast paths are tested against and the "plain" form the benchmark measures them against. Per
     thread / async context (a ``ContextVar``).

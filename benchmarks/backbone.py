@@ -7,7 +7,7 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
   (``torch.compile``, inductor, one compilation per batch size, compile time excluded). UniRepLKNet runs in its
   deploy form (``model.reparameterize()``); its train form in eval mode is one more row (``train form``), so the
   deploy speed-up shows, and ``plain`` is its deploy form eager, NCHW, with the blocks' straightforward ops
-  (``backbones.reference_ops()``: no SE/GRN factors folded into weights, no in-place GELU/GRN, no fused
+  (``backbones.reference_ops()``: no GRN factor folded into weights, no in-place GELU/GRN, no fused
   Linear+GELU). "Plain" is that row for UniRepLKNet and the eager NCHW row for the peers;
 * training steps (forward + cross-entropy + backward + AdamW step) at ``--train-batch-size``: UniRepLKNet-A and -T
   plain (reference ops) and in every ``--train-variants`` way (eager, eager+cl, compiled), the peers eager only;
@@ -554,8 +554,8 @@ def notes(args: argparse.Namespace) -> List[str]:
         "GFLOPs/img: forward FLOPs of the measured form (FlopCounterMode, multiply-add = 2 FLOPs). Training rows "
         f"(forward + cross-entropy + backward + AdamW step, train form) credit {TRAIN_FLOP_FACTOR}x the forward FLOPs.",
         "Ways: `plain` UniRepLKNet eager NCHW with the blocks' straightforward ops (`backbones.reference_ops()`), "
-        "`eager` NCHW (UniRepLKNet with its fast inference ops: SE/GRN factors folded into the Linears' weights on "
-        "large maps, else oneDNN Linear+GELU and GRN in place), `+cl` "
+        "`eager` NCHW (UniRepLKNet with its fast inference ops: oneDNN Linear+GELU, then GRN's factor folded into "
+        "Linear2's weights on large maps, else GRN in place), `+cl` "
         "channels-last weights and input, `compiled` torch.compile (inductor, static shapes), `+keep` measured after "
         "`backbones.keep_freed_memory()` (glibc keeps freed blocks for reuse; every model gets it). `vs plain`: "
         "speed ratio to the same model's plain row at that batch (UniRepLKNet: `plain` of its deploy form, so the "
