@@ -24,7 +24,12 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
   happened to retain;
 * with ``--paired``: UniRepLKNet plain against its eager+cl ways and against its ConvNeXt V2 peer's compiled+cl and
   eager+cl (each with and without ``keep_freed_memory()``), timed in strict alternation in two worker processes,
-  so drift of a shared machine hits every side alike.
+  so drift of a shared machine hits every side alike;
+* with ``--bf16``: after ``keep_freed_memory()``, in one worker and in strict alternation, UniRepLKNet's float32
+  eager+cl against its deploy form wholly in bfloat16 (``bf16+cl``: what
+  ``backbones.optimize_for_inference(model, dtype=torch.bfloat16)`` makes) and under bfloat16 autocast
+  (``autocast+cl``), and its ConvNeXt V2 peer in bfloat16 eager, compiled and under autocast, with the fraction of
+  the measured bfloat16 matrix-multiply rate. Meaningful on CPUs with native bfloat16 (AVX-512 BF16 or AMX).
 
 For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
 of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
@@ -39,6 +44,7 @@ Run from the repository root (compiling takes most of the time: tens of minutes 
     python benchmarks/backbone.py --output benchmarks/results/backbone_cpu.md
     python benchmarks/backbone.py --variants eager eager+cl --train-variants eager   # no compilation
     python benchmarks/backbone.py --quick            # smoke run: 64 px, batch 2, eager only, 0.2 s per measurement
+    python benchmarks/backbone.py --paired-only --bf16 --memory   # the paired float32 and bfloat16 checks, memory
 """
 
 import argparse
