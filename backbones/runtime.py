@@ -172,7 +172,8 @@ def optimize_for_inference(
     Outputs match the plain eval-mode model within float32 rounding (tested). With ``dtype=torch.bfloat16`` the
     outputs are bfloat16 and the whole network computes in bfloat16 (oneDNN accumulates its matrix multiplies and
     convolutions in float32): on CPUs with native bfloat16 (:func:`native_bfloat16`) this is the fastest way
-    measured, with logits within 3% relative error of float32 and top-1 agreement reported in ``BENCHMARKS.md``.
+    measured, with logits within 3% of float32 (max |difference| over max |logit|, tested) and the top-1 agreement
+    on trained models reported in ``BENCHMARKS.md``.
     On other CPUs bfloat16 is emulated, several times slower than float32, and a warning says so.
     """
     if not isinstance(model, nn.Module):
