@@ -471,6 +471,11 @@ class UniRepLKNetBlock(nn.Module):
         or, under bfloat16 autocast, a bfloat16 map (the Linears then run in bfloat16, as autocast would run them)."""
         if not (y.device.type == "cpu" and _may_overwrite()):
             return False
+        gelu = self.act[0]
+        if type(gelu) not in (GELU, nn.GELU) or gelu.approximate != "none":
+            return False
+        if type(self.pwconv1[1]) is not nn.Linear or type(self.pwconv2[0]) is not nn.Linear:
+            return False  # e.g. a wrapped or quantised Linear: run it as it is
         weight_dtypes = {self.pwconv1[1].weight.dtype, self.pwconv2[0].weight.dtype}
         if torch.is_autocast_enabled("cpu"):
             if not (torch.get_autocast_dtype("cpu") == torch.bfloat16 and y.dtype == torch.bfloat16
@@ -478,11 +483,6 @@ class UniRepLKNetBlock(nn.Module):
                 return False
         elif y.dtype not in _FUSED_DTYPES or weight_dtypes != {y.dtype}:
             return False  # mixed precisions: the modules' own type promotion (or error) applies
-        gelu = self.act[0]
-        if type(gelu) not in (GELU, nn.GELU) or gelu.approximate != "none":
-            return False
-        if type(self.pwconv1[1]) is not nn.Linear or type(self.pwconv2[0]) is not nn.Linear:
-            return False  # e.g. a wrapped or quantised Linear: run it as it is
         if type(self.act[1]) is not GRNwithNHWC or type(self.se) is not SEBlock:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:

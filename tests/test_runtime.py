@@ -68,6 +68,19 @@ def test_fused_path_is_what_inference_runs_and_is_skipped_for_hooks():
         wrapped = block(x)
     assert calls == [1] and relative_error(wrapped, expected) < FLOAT32_TOLERANCE
     assert relative_error(with_hook, expected) < FLOAT32_TOLERANCE
+
+    class Wrapped(torch.nn.Module):  # no .weight of its own, as a quantisation or LoRA wrapper may be
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    block.pwconv2[0] = Wrapped(block.pwconv2[0])
+    with torch.no_grad():
+        assert not block._fuse_linears(block.dwconv(x))
+        assert relative_error(block(x), expected) < FLOAT32_TOLERANCE
     assert relative_error(without_hook, expected) < FLOAT32_TOLERANCE
 
 
