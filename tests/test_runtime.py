@@ -17,16 +17,16 @@ from backbones.unireplknet import GELU, GRNwithNHWC, UniRepLKNetBlock, _spatial_
 FLOAT32_TOLERANCE = 1e-5
 
 
-def _model(name="unireplknet_a", seed=0):
-    return randomise_statistics(timm.create_model(name, num_classes=10).eval(), seed=seed)
+def _model(name="unireplknet_a", seed=0, form="train"):
+    """A with non-trivial statistics, in eval mode, in its train or deploy form."""
+    model = randomise_statistics(timm.create_model(name, num_classes=10).eval(), seed=seed)
+    return model.reparameterize() if form == "deploy" else model
 
 
 @pytest.mark.parametrize("form", ["train", "deploy"])
 @pytest.mark.parametrize("size", [64, 160])  # 160 px: a 40x40 first stage takes GRN's vector_norm branch
 def test_fast_inference_matches_reference_ops(form, size):
-    model = _model()
-    if form == "deploy":
-        model.reparameterize()
+    model = _model(form=form)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         with reference_ops():
@@ -287,9 +287,7 @@ def test_fused_path_runs_in_bfloat16_only_where_the_cpu_has_it(monkeypatch):
 @pytest.mark.parametrize("form", ["train", "deploy"])
 @pytest.mark.parametrize("size", [64, 160])
 def test_fast_ops_under_bfloat16_autocast_match_the_module_path(form, size):
-    model = _model()
-    if form == "deploy":
-        model.reparameterize()
+    model = _model(form=form)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = model(x)
