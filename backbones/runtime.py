@@ -173,8 +173,8 @@ def optimize_for_inference(
     outputs are bfloat16 and the whole network computes in bfloat16 (oneDNN accumulates its matrix multiplies and
     convolutions in float32): on CPUs with native bfloat16 (:func:`native_bfloat16`) this is the fastest way
     measured, with logits within 3% of float32 (max |difference| over max |logit|, tested) and the top-1 agreement
-    on trained models reported in ``BENCHMARKS.md``.
-    On other CPUs bfloat16 is emulated, several times slower than float32, and a warning says so.
+    on trained models reported in ``BENCHMARKS.md``. On other CPUs bfloat16 is emulated, several times slower than
+    float32, and a warning says so.
     """
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"optimize_for_inference needs an nn.Module, got {type(model).__name__}")

@@ -501,9 +501,9 @@ class UniRepLKNetBlock(nn.Module):
         smaller maps scaling the weights costs more than scaling the activations). Measured on 2 cores (AVX-512),
         batch 16, float32: folding GRN into the weights took 16.3 against 17.5 ms on T's first stage; folding SE's
         factor into ``Linear1``'s weights as well (a batched matmul, then GELU apart) took 31 against 22 ms for SE on
-        the map and the fused ``Linear1+GELU``, so SE is not folded. Under bfloat16 autocast the
-        weights are cast to bfloat16 here (autocast would cast them for its Linears too) and GRN's factor as well,
-        so the expanded map stays in bfloat16 (the module path promotes it to float32 against GRN's float32 gamma)."""
+        the map and the fused ``Linear1+GELU``, so SE is not folded. Under bfloat16 autocast the weights are cast to
+        bfloat16 here (autocast would cast them for its Linears too) and GRN's factor as well, so the expanded map
+        stays in bfloat16 (the module path promotes it to float32 against GRN's float32 gamma)."""
         linear1, linear2, grn = self.pwconv1[1], self.pwconv2[0], self.act[1]
         batch, channels, height, width = y.shape
         dtype = y.dtype

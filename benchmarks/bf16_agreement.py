@@ -42,7 +42,7 @@ DEFAULT_DATASETS = ("digits", "spoken_commands", "moving_digits")
 WAYS = ("float32", "bf16", "autocast")
 
 
-def test_logits(model: torch.nn.Module, loader: DataLoader, autocast: bool = False) -> tuple:
+def logits_and_labels(model: torch.nn.Module, loader: DataLoader, autocast: bool = False) -> tuple:
     """Logits (float32) and labels of the whole loader."""
     outputs, labels = [], []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -74,10 +74,10 @@ def measure(name: str, runs: Path, batch_size: int, progress: bool) -> Dict[str,
     loader = DataLoader(test, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping(adapter))
 
     float32 = backbones.optimize_for_inference(copy.deepcopy(model))
-    logits = {"float32": test_logits(float32, loader)}
-    logits["autocast"] = test_logits(float32, loader, autocast=True)
+    logits = {"float32": logits_and_labels(float32, loader)}
+    logits["autocast"] = logits_and_labels(float32, loader, autocast=True)
     low = backbones.optimize_for_inference(copy.deepcopy(model), dtype=torch.bfloat16)
-    logits["bf16"] = test_logits(low, loader)
+    logits["bf16"] = logits_and_labels(low, loader)
     reference, labels = logits["float32"]
     predicted = reference.argmax(dim=1)
     row: Dict[str, object] = dict(dataset=name, modality=data.modality, samples=len(labels),

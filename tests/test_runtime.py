@@ -331,7 +331,7 @@ def test_optimize_for_inference_checks_its_dtype_and_warns_without_native_bfloat
         assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.bfloat16
 
 
-def test_optimize_for_inference_in_bfloat16_serves_a_uniperceiver(tmp_path):
+def test_optimize_for_inference_in_bfloat16_serves_a_uniperceiver():
     from uniperception import UniPerceiver
 
     model = UniPerceiver("time_series", backbone="unireplknet_a", num_classes=3, length=32, num_variables=2,
