@@ -77,11 +77,15 @@ def reference_ops() -> Iterator[None]:
     of squares (that part in training too). Inside it every block runs
     ``SE -> Linear -> GELU -> GRN -> Linear`` as separate out-of-place ops with ``torch.linalg.vector_norm``: the
     reference the fast paths are tested against and the "plain" form the benchmark measures them against. Per
-    thread / async context (a ``ContextVar``).
+    thread / async context (a ``ContextVar``). Depthwise convolutions inside it run PyTorch's own
+    ``F.conv2d`` (``use_backend("torch")``) unless a layer names its backend itself.
     """
+    from .ops.depthwise import use_backend
+
     token = _FAST_OPS.set(False)
     try:
-        yield
+        with use_backend("torch"):
+            yield
     finally:
         _FAST_OPS.reset(token)
 

@@ -39,7 +39,8 @@ from timm.models import register_model
 from .errors import CheckpointError, ConfigurationError, InputShapeError
 
 _logger = logging.getLogger(__name__)
-from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d
+from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d, select_backend
+from .ops.cpu_depthwise import cpu_direct_depthwise_conv2d
 from .ops.depthwise import _tracing
 from .runtime import fast_ops_enabled, native_bfloat16
 
@@ -369,22 +370,28 @@ class DilatedReparamBlock(nn.Module):
         if self.deploy:
             return self.lk_origin(x)
         out = self.origin_bn(self.lk_origin(x))
+        # the dilated branches follow the large kernel's backend where that is our CPU kernels (no policy entry
+        # measures dilated shapes; the kernels compute any dilation, and their weight gradient is what wins)
+        ours = not _tracing() and select_backend(x, self.lk_origin.weight, self.lk_origin.backend) == "cpu_direct"
         for k, r in zip(self.kernel_sizes, self.dilates):
             conv = getattr(self, f"dil_conv_k{k}_{r}")
             bn = getattr(self, f"dil_bn_k{k}_{r}")
-            out = out + bn(self._dilated(conv, r, x))
+            out = out + bn(self._dilated(conv, r, x, ours))
         return out
 
     @staticmethod
-    def _dilated(conv: nn.Conv2d, dilation: int, x: torch.Tensor) -> torch.Tensor:
-        """``conv(x)``, with the taps that only meet padding on a small input left out (see ``central_taps``)."""
+    def _dilated(conv: nn.Conv2d, dilation: int, x: torch.Tensor, ours: bool = False) -> torch.Tensor:
+        """``conv(x)``, with the taps that only meet padding on a small input left out (see ``central_taps``), through
+        our CPU kernels when ``ours``."""
         if _tracing():
             return conv(x)
         weight = central_taps(conv.weight, x.shape[-2], x.shape[-1], dilation)
-        if weight is conv.weight:
-            return conv(x)
         if weight.shape[-1] == 1:
             return depthwise_conv2d(x, weight, conv.bias)
+        if ours:
+            return cpu_direct_depthwise_conv2d(x, weight, conv.bias, dilation)
+        if weight is conv.weight:
+            return conv(x)
         return F.conv2d(x, weight, conv.bias, padding=dilation * (weight.shape[-1] // 2), dilation=dilation,
                         groups=conv.groups)
 

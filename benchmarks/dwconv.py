@@ -1,7 +1,7 @@
 """Depthwise-convolution backends side by side on UniRepLKNet's layer shapes, and the dispatch policy they imply.
 
 For every depthwise layer shape of UniRepLKNet-T and -S at 224 px (stage widths 80..768 at 56x56 .. 7x7), batch 1, 16
-and 128, kernel sizes 7, 13, 17 and 31, inputs in NCHW and channels-last layout, this script times each backend of
+and 128, kernel sizes 3, 7, 13, 17 and 31, inputs in NCHW and channels-last layout, this script times each backend of
 :mod:`backbones.ops` for the forward pass (inference) and for forward + backward (training), prints time and GFLOP/s
 (a multiply-add is 2 FLOPs; training counts 3 convolutions' worth), and the machine's float32 matrix-multiply rate
 measured in the same run. ``--write-policy`` stores the fastest backend of every measured case in
@@ -120,6 +120,8 @@ def candidate_backends(device: torch.device, layout: str, training: bool) -> Lis
     names = ["torch", "torch_channels_last", "fft", "direct_fft_weight_grad"]
     if device.type == "cuda":
         names.append("triton")
+    elif _BACKENDS["cpu_direct"].unavailable() is None:  # our kernels, where they build
+        names.append("cpu_direct")
     if layout == "channels_last":
         names.remove("torch_channels_last")  # the same call as "torch" on channels-last input
     if not training:
@@ -268,7 +270,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--models", nargs="+", default=["T", "S"], choices=sorted(LAYER_SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 128])
-    parser.add_argument("--kernel-sizes", nargs="+", type=int, default=[7, 13, 17, 31])
+    parser.add_argument("--kernel-sizes", nargs="+", type=int, default=[3, 7, 13, 17, 31])
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
     parser.add_argument("--nchw-max-batch", type=int, default=16,
                         help="measure NCHW input only up to this batch (the backbone feeds channels-last tensors)")

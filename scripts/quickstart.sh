@@ -19,13 +19,19 @@ case "$command" in
 esac
 
 # --- Debian packages: open3d needs libusb, GL/EGL and X11 client libraries even when nothing is displayed;
-#     espeak-ng speaks the built-in spoken-commands dataset
+#     espeak-ng speaks the built-in spoken-commands dataset; g++ and the Python headers build our CPU
+#     depthwise-convolution kernels (only where the Python in use lacks them)
 debian_packages=(libusb-1.0-0 libgl1 libegl1 libx11-6 libudev1 libgomp1 espeak-ng)
 if command -v dpkg-query >/dev/null 2>&1; then
   missing=()
   for package in "${debian_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
   done
+  command -v g++ >/dev/null 2>&1 || missing+=(g++)
+  python_for_headers="$(command -v python3.11 || command -v python3)"
+  if ! "$python_for_headers" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    missing+=("$("$python_for_headers" -c 'import sys; print("python%d.%d-dev" % sys.version_info[:2])')")
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then sudo_cmd=(); elif command -v sudo >/dev/null 2>&1; then sudo_cmd=(sudo); else
       echo "missing Debian packages: ${missing[*]} (install them as root: apt-get install ${missing[*]})" >&2; exit 1
@@ -54,6 +60,11 @@ if ! { python -m pip install --disable-pip-version-check --upgrade pip &&
   echo "installing the Python packages failed; the whole log is in $log" >&2
   exit 1
 fi
+
+# --- our CPU depthwise-convolution kernels: compiled once per machine (about 30 s) and cached; where they cannot be
+#     built the message says why and PyTorch's convolution is used
+echo "building the CPU depthwise-convolution kernels"
+python -m backbones.ops.cpu_depthwise || true
 
 # --- the job
 if [ "$command" = demo ]; then

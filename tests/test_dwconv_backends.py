@@ -160,6 +160,167 @@ def test_smooth_fft_sizes():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Our CPU kernels
+
+# (B, C, H, W, K): C below, at and past the 16-channel vector (tails of 3, 8 and 1), W past the 8-pixel register
+# block, K past the 16-tap group (31), maps smaller than the kernel, and maps cut into several row bands (H = 90)
+CPU_DIRECT_CASES = [(1, 1, 1, 1, 3), (2, 3, 17, 16, 5), (1, 4, 14, 14, 13), (2, 2, 9, 30, 31), (3, 5, 7, 7, 17),
+                    (2, 40, 9, 11, 13), (1, 17, 5, 70, 7), (1, 3, 90, 100, 3), (2, 32, 6, 9, 9)]
+
+
+def cpu_case(*args, **kwargs):
+    return tuple(None if t is None else t.cpu() for t in make_case(*args, **kwargs))
+
+
+def require_cpu_direct():
+    from backbones.ops.cpu_depthwise import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the CPU kernels are part of the product and must build here: {reason}")
+
+
+@pytest.mark.parametrize("case", CPU_DIRECT_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_cpu_direct_matches_float64(case, layout):
+    require_cpu_direct()
+    x, weight, bias, grad_output = cpu_case(*case)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a view with gaps: every other column of a wider map
+        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+    expected = reference(x, weight, bias, grad_output)
+    actual = run_backend("cpu_direct", x, weight, bias, grad_output)
+    assert_close_to_reference(actual, expected, 2e-5)
+    assert actual[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case, dilation", [((2, 20, 12, 13, 3), 2), ((1, 5, 30, 31, 5), 3), ((2, 16, 7, 9, 3), 5),
+                                            ((1, 3, 40, 11, 7), 4)], ids=str)
+def test_cpu_direct_dilated_matches_float64(case, dilation):
+    from backbones.ops.cpu_depthwise import cpu_direct_depthwise_conv2d
+
+    require_cpu_direct()
+    x, weight, bias, grad_output = cpu_case(*case)
+    pad = dilation * (weight.shape[-1] // 2)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    expected_y = F.conv2d(x64, w64, b64, padding=pad, dilation=dilation, groups=x.shape[1])
+    expected_y.backward(grad_output.double())
+    xg, wg, bg = (t.detach().requires_grad_() for t in (x, weight, bias))
+    y = cpu_direct_depthwise_conv2d(xg, wg, bg, dilation)
+    y.backward(grad_output)
+    assert_close_to_reference((y.detach(), xg.grad, wg.grad, bg.grad),
+                              (expected_y.detach(), x64.grad, w64.grad, b64.grad), 2e-5)
+
+
+def test_cpu_direct_without_bias_and_gradients_for_some_inputs_only():
+    require_cpu_direct()
+    x, weight, _, grad_output = cpu_case(2, 20, 12, 13, 13, bias=False)
+    expected = reference(x, weight, None, grad_output)
+    assert_close_to_reference(run_backend("cpu_direct", x, weight, None, grad_output), expected, 2e-5)
+    frozen = weight.detach().requires_grad_(False)
+    xg = x.detach().requires_grad_()
+    depthwise_conv2d(xg, frozen, backend="cpu_direct").backward(grad_output)
+    assert relative_error(xg.grad, expected[1]) <= 2e-5
+    wg = weight.detach().requires_grad_()
+    depthwise_conv2d(x, wg, backend="cpu_direct").backward(grad_output)
+    assert relative_error(wg.grad, expected[2]) <= 2e-5
+
+
+def test_cpu_direct_weight_gradient_does_not_depend_on_the_thread_count():
+    require_cpu_direct()
+    x, weight, bias, grad_output = cpu_case(4, 24, 20, 20, 13)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results.append(run_backend("cpu_direct", x, weight, bias, grad_output))
+    finally:
+        torch.set_num_threads(threads)
+    expected = reference(x, weight, bias, grad_output)
+    for result in results:
+        assert_close_to_reference(result, expected, 2e-5)
+    assert torch.equal(results[0][0], results[1][0])  # the forward pass sums in the same order on any thread count
+
+
+def test_cpu_direct_refuses_second_order_gradients():
+    require_cpu_direct()
+    x, weight, bias, _ = cpu_case(1, 4, 8, 8, 7)
+    x = x.requires_grad_()
+    y = depthwise_conv2d(x, weight.requires_grad_(), bias, backend="cpu_direct")
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        grad.sum().backward()
+
+
+def test_cpu_direct_hands_other_dtypes_to_torch_with_one_warning():
+    from backbones.ops.depthwise import clear_decisions
+
+    clear_decisions()
+    x, weight, bias, _ = cpu_case(1, 4, 9, 9, 7, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = depthwise_conv2d(x, weight, bias, backend="cpu_direct")
+        depthwise_conv2d(x, weight, bias, backend="cpu_direct")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "compute in float32" in messages[0]
+    assert torch.equal(first, F.conv2d(x, weight, bias, padding=3, groups=4))
+    clear_decisions()
+
+
+def test_cpu_direct_that_cannot_be_built_says_why_once_and_torch_runs(monkeypatch, tmp_path):
+    import backbones.ops.cpu_depthwise as kernels
+    from backbones.ops.depthwise import clear_decisions
+
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    monkeypatch.setattr(kernels, "_FAILURE", None)
+    monkeypatch.setattr(kernels, "_missing_tools", lambda: "no C++ compiler found (install g++)")
+    entry = dict(device="cpu", dtype="float32", mode="inference", layout="nchw", batch=1, channels=4, height=9,
+                 width=9, kernel_size=7, best="cpu_direct", times_ms={"torch": 2.0, "cpu_direct": 1.0})
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setenv("UNIPERCEPTION_DWCONV_POLICY", str(policy))
+    reload_policy()
+    clear_decisions()
+    x, weight, bias, _ = cpu_case(1, 4, 9, 9, 7)
+    try:
+        assert "no C++ compiler" in kernels.unavailable_reason()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outputs = [depthwise_conv2d(x, weight, bias), depthwise_conv2d(x, weight, bias, backend="cpu_direct")]
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "unavailable" in messages[0] and "install g++" in messages[0]
+        for y in outputs:
+            assert torch.equal(y, F.conv2d(x, weight, bias, padding=3, groups=4))
+        with pytest.raises(RuntimeError, match="install g\\+\\+"):
+            kernels.cpu_direct_depthwise_conv2d(x, weight, bias)
+    finally:
+        monkeypatch.delenv("UNIPERCEPTION_DWCONV_POLICY")
+        reload_policy()
+
+
+def test_cpu_direct_builds_per_source_and_cpu(monkeypatch):
+    import backbones.ops.cpu_depthwise as kernels
+
+    name = kernels._build_name()
+    assert name.startswith("uniperception_depthwise_cpu_")
+    monkeypatch.setattr(kernels, "_cpu_fingerprint", lambda: "model name : another CPU\nflags : sse2")
+    assert kernels._build_name() != name
+
+
+def test_cpu_direct_command_builds_and_checks_the_kernels():
+    import subprocess
+    import sys
+
+    require_cpu_direct()
+    done = subprocess.run([sys.executable, "-m", "backbones.ops.cpu_depthwise"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "CPU depthwise kernels ready" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The dispatcher
 
 
@@ -329,7 +490,7 @@ def check_backbone_backends(deploy, backends):
 
 @pytest.mark.parametrize("deploy", [False, True])
 def test_backbone_gives_the_same_outputs_and_gradients_with_each_backend(deploy):
-    check_backbone_backends(deploy, ["torch_channels_last", "fft", "direct_fft_weight_grad"])
+    check_backbone_backends(deploy, ["torch_channels_last", "fft", "direct_fft_weight_grad", "cpu_direct"])
 
 
 @pytest.mark.slow

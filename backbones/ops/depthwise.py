@@ -13,6 +13,7 @@ Backends:
 ``torch_channels_last``     PyTorch's convolution on a channels-last copy of the input (oneDNN's fast layout).
 ``fft``                     forward and both gradients through ``torch.fft``.
 ``direct_fft_weight_grad``  channels-last direct forward and input gradient, FFT weight gradient.
+``cpu_direct``              our direct kernels (CPU, float32, compiled on first use; see :mod:`.cpu_depthwise`).
 ``triton``                  Triton kernels (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
 ==========================  =====================================================================================
 
@@ -81,6 +82,9 @@ class Backend:
     fn: BackendFn
     supports: SupportsFn
     traceable: bool = False  # safe under torch.compile tracing and ONNX export
+    # None when the backend can run on this installation at all, else why not (not installed, cannot be built);
+    # unlike ``supports``, which judges one call, this is said once even where the policy chose the backend
+    unavailable: Optional[Callable[[], Optional[str]]] = None
 
 
 def _torch_backend(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -118,6 +122,26 @@ def _triton_supports(x, weight) -> Optional[str]:
     return None
 
 
+def _cpu_direct_supports(x, weight) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"the CPU kernels need a CPU tensor (got {x.device.type})"
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return f"the CPU kernels compute in float32 (got {x.dtype})"
+    return None
+
+
+def _cpu_direct_unavailable() -> Optional[str]:
+    from .cpu_depthwise import unavailable_reason
+
+    return unavailable_reason()
+
+
+def _cpu_direct_backend(x, weight, bias):
+    from .cpu_depthwise import cpu_direct_depthwise_conv2d
+
+    return cpu_direct_depthwise_conv2d(x, weight, bias)
+
+
 def _triton_backend(x, weight, bias):
     from .triton_depthwise import triton_depthwise_conv2d
 
@@ -129,6 +153,8 @@ _BACKENDS: Dict[str, Backend] = {
     "torch_channels_last": Backend("torch_channels_last", _torch_channels_last_backend, _any_call, traceable=True),
     "fft": Backend("fft", fft_depthwise_conv2d, _fft_supports),
     "direct_fft_weight_grad": Backend("direct_fft_weight_grad", direct_forward_fft_weight_grad, _fft_supports),
+    "cpu_direct": Backend("cpu_direct", _cpu_direct_backend, _cpu_direct_supports,
+                          unavailable=_cpu_direct_unavailable),
     "triton": Backend("triton", _triton_backend, _triton_supports),
 }
 _FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("uniperception_dwconv_backend", default=None)
@@ -209,14 +235,21 @@ def _decide(name: Optional[str], origin: str, x: torch.Tensor, weight: torch.Ten
             x.device.type, str(dtype).replace("torch.", ""), "training" if training else "inference",
             "channels_last" if channels_last else "nchw", batch, channels, height, width, weight.shape[-1],
         )
-        name = name if name in _BACKENDS else "torch"
+        name, origin = (name if name in _BACKENDS else "torch"), "policy"
     else:
         _check_name(name, origin)
     if (name, x.device.type, dtype, weight.shape[-1]) in _BROKEN:
         return "torch"  # it failed before and said so once
-    reason = _BACKENDS[name].supports(x, weight)
+    backend = _BACKENDS[name]
+    reason = backend.supports(x, weight)
+    if reason is None and backend.unavailable is not None:
+        reason = backend.unavailable()
+        if reason is not None:  # said once, whoever chose the backend
+            _warn_once((name, reason), f"depthwise backend {name!r} is unavailable ({reason}); using 'torch'")
+            return "torch"
     if reason is not None:
-        _warn_once((name, reason), f"depthwise backend {name!r} cannot run this call ({reason}); using 'torch'")
+        if origin != "policy":  # a backend the policy picked for a neighbouring shape may not fit this call
+            _warn_once((name, reason), f"depthwise backend {name!r} cannot run this call ({reason}); using 'torch'")
         return "torch"
     return name
 

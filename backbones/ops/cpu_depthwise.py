@@ -1,0 +1,174 @@
+"""Our direct depthwise-convolution kernels for the CPU (float32), compiled on first use.
+
+PyTorch runs a CPU depthwise convolution through oneDNN, which on large kernels reaches a fraction of what the
+machine's vector units allow and whose weight gradient is many times slower than its forward pass (tens of times at
+13x13, see ``benchmarks/dwconv.py``). ``csrc/depthwise_cpu.cpp`` computes the forward pass and the weight gradient
+directly on channels-last maps: each task copies a band of the input, for 16 channels at a time, into a zero-padded
+contiguous buffer, then keeps up to 8 output pixels (forward) or up to 16 kernel taps (weight gradient) in vector
+registers. The input gradient is the forward pass with the kernel rotated by 180 degrees. Results are float32
+sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
+
+The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 30 s; g++, the
+Python headers and ninja are needed), for the CPU it runs on (``-march=native``), and cached under
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder named after the source's and the CPU's
+fingerprint, so a changed source or another CPU gets its own build. ``python -m backbones.ops.cpu_depthwise`` builds
+it ahead of time (the quick-start script does). Where it cannot be built the backend reports why and the dispatcher
+uses PyTorch's convolution instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["cpu_direct_depthwise_conv2d", "extension", "unavailable_reason", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
+_LOG = logging.getLogger(__name__)
+_LOCK = threading.Lock()
+_FAILURE: Optional[str] = None
+_MODULE = None
+
+
+def _cpu_fingerprint() -> str:
+    """What ``-march=native`` depends on: the CPU's model name and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        fields = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+        return "\n".join(fields) or platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(_cpu_fingerprint().encode())
+    digest.update(torch.__version__.encode())
+    return f"uniperception_depthwise_cpu_{digest.hexdigest()[:16]}"
+
+
+def _missing_tools() -> Optional[str]:
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        return f"no build flags for {platform.machine()}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        return "no C++ compiler found (install g++)"
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").exists():
+        return f"the Python headers are missing ({include}/Python.h; install python3-dev)"
+    try:
+        from torch.utils.cpp_extension import verify_ninja_availability
+
+        verify_ninja_availability()
+    except (ImportError, RuntimeError):
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def extension(verbose: bool = False):
+    """The compiled module (building it on first call); raises ``RuntimeError`` saying why it cannot be built."""
+    global _MODULE, _FAILURE
+    if _MODULE is not None:
+        return _MODULE
+    with _LOCK:
+        if _MODULE is None and _FAILURE is None:
+            missing = _missing_tools()
+            if missing:
+                _FAILURE = f"cannot build the CPU depthwise kernels: {missing}"
+            else:
+                try:
+                    _MODULE = _build(verbose)
+                except Exception as exc:  # a compiler error: said once, PyTorch's convolution is used instead
+                    _FAILURE = f"building the CPU depthwise kernels failed ({type(exc).__name__}: {str(exc)[-500:]})"
+        if _FAILURE is not None:
+            raise RuntimeError(_FAILURE)
+        return _MODULE
+
+
+def _build(verbose: bool):
+    from torch.utils.cpp_extension import load
+
+    name = _build_name()
+    _LOG.info("compiling the CPU depthwise-convolution kernels (%s, once per machine, about 30 s)", name)
+    flags = ["-O3", "-fopenmp", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=verbose)
+
+
+def unavailable_reason() -> Optional[str]:
+    """``None`` when the kernels are built (building them now if needed), else why they cannot be."""
+    try:
+        extension()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+class _CPUDirectDepthwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation):
+        ext = extension()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.dilation = bias is not None, dilation
+        return ext.forward(x, weight, bias, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        ext = extension()
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # the input gradient of a "same" correlation is the correlation with the kernel rotated by 180 degrees
+            grad_x = ext.forward(grad_output, weight.flip(-1, -2), None, ctx.dilation)
+            if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+                grad_x = grad_x.contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_w = ext.weight_grad(x, grad_output, weight.shape[-1], ctx.dilation)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_output.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def cpu_direct_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                                dilation: int = 1) -> torch.Tensor:
+    """Depthwise correlation, stride 1, padding ``dilation * (K // 2)``: ``(B, C, H, W) -> (B, C, H, W)``
+    (channels-last memory), float32 CPU tensors, with the gradients of all three."""
+    return _CPUDirectDepthwise.apply(x, weight, bias, int(dilation))
+
+
+def main(argv=None) -> int:
+    """Build the kernels now (``python -m backbones.ops.cpu_depthwise``) and check them against ``F.conv2d``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    args = parser.parse_args(argv)
+    try:
+        extension(verbose=args.verbose)
+    except RuntimeError as exc:
+        print(f"{exc}; depthwise convolutions will use PyTorch's", file=sys.stderr)
+        return 1
+    x = torch.randn(2, 24, 9, 11).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(24, 1, 7, 7), torch.randn(24)
+    expected = torch.nn.functional.conv2d(x, weight, bias, padding=3, groups=24)
+    error = (cpu_direct_depthwise_conv2d(x, weight, bias) - expected).abs().max().item()
+    if not error <= 1e-4 * expected.abs().max().item():
+        print(f"the CPU depthwise kernels disagree with F.conv2d (max error {error:.3g})", file=sys.stderr)
+        return 1
+    print(f"CPU depthwise kernels ready ({_build_name()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
