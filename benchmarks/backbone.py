@@ -406,6 +406,13 @@ BF16_PAIRED_KEYS = (("keep", "ours", "eager+cl"), ("keep", "ours", "bf16+cl"), (
                     ("keep", "peer", "bf16+cl"), ("keep", "peer", "compiled+bf16+cl"), ("keep", "peer", "autocast+cl"))
 
 
+# the training check, all in the default-allocator worker: our train form's plain step (PyTorch's ops alone, as
+# reference_ops() runs it), its eager steps in both layouts, and the peer's eager steps
+TRAIN_PAIRED_KEYS = (("default", "ours", "train:plain"), ("default", "ours", "train:eager"),
+                     ("default", "ours", "train:eager+cl"), ("default", "peer", "train:eager"),
+                     ("default", "peer", "train:eager+cl"))
+
+
 def paired_child(batch: int, image_size: int, keep: bool) -> None:
     """A timing server for the paired check: reads ``MODEL WAY`` per stdin line, runs it once, prints its seconds.
 
@@ -416,6 +423,10 @@ def paired_child(batch: int, image_size: int, keep: bool) -> None:
     steps = {}
 
     def build(name: str, way: str) -> Callable[[], None]:
+        if way.startswith("train:"):  # a training step of the train form (AdamW, cross-entropy)
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False)
+            return training_step(model, images, model.num_classes, way.split(":", 1)[1])
         model = timm.create_model(name, pretrained=False).eval()
         if name in UNIREPLKNET_MODELS:
             model.reparameterize()
@@ -518,6 +529,33 @@ def paired_table(args: argparse.Namespace, matmul_rate: float) -> Tuple[str, Lis
     header = ["model", "batch", "rounds", "plain img/s", "eager+cl img/s", "eager+cl+keep img/s", "fastest",
               "vs plain", "of matmul", "peer", "peer's fastest", "peer img/s", "vs peer"]
     return format_table(header, rows, markdown=True, left=(0, 6, 9, 10)), goals
+
+
+def train_paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
+    """Training steps (:data:`TRAIN_PAIRED_KEYS`) at ``args.train_batch_size``, timed in strict alternation. Returns
+    the table and the target lines (our fastest step at least 1.3x the plain step)."""
+    rows, goals = [], []
+    plain = ("default", "ours", "train:plain")
+    batch = args.train_batch_size
+    for name in [m for m in args.models if m in UNIREPLKNET_MODELS]:
+        peer = PEERS[name]
+        times = paired_times(name, batch, args, TRAIN_PAIRED_KEYS)
+        speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
+        ours = max((k for k in TRAIN_PAIRED_KEYS if k[1] == "ours" and k != plain), key=speed.get)
+        theirs = max((k for k in TRAIN_PAIRED_KEYS if k[1] == "peer"), key=speed.get)
+        over_plain, over_peer = paired_ratio(times, plain, ours), paired_ratio(times, theirs, ours)
+        rows.append([name, str(batch), str(args.paired_rounds), f"{speed[plain]:.1f}",
+                     f"{speed['default', 'ours', 'train:eager']:.1f}",
+                     f"{speed['default', 'ours', 'train:eager+cl']:.1f}", paired_label(ours).split(":")[1],
+                     f"{over_plain:.2f}x", peer, paired_label(theirs).split(":")[1], f"{speed[theirs]:.1f}",
+                     f"{over_peer:.2f}x"])
+        print(f"  {name:<16} training, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
+        goals.append(f"{'met' if over_plain >= 1.3 else 'UNMET'}: UniRepLKNet-{name[-1].upper()} training step, "
+                     f"batch {batch}, paired, fastest ({paired_label(ours).split(':')[1]}) over plain "
+                     f"({over_plain:.2f}, target >= 1.3)")
+    header = ["model", "batch", "rounds", "plain img/s", "eager img/s", "eager+cl img/s", "fastest", "vs plain",
+              "peer", "peer's fastest", "peer img/s", "vs peer"]
+    return format_table(header, rows, markdown=True, left=(0, 6, 8, 9)), goals
 
 
 def bf16_table(args: argparse.Namespace, bf16_matmul_rate: float) -> Tuple[str, List[str]]:
@@ -660,9 +698,10 @@ def main(argv=None) -> None:
     results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
     set_vs_plain(results)
     paired, paired_goals = paired_table(args, matmul_rate) if args.paired or args.paired_only else ("", [])
+    train_paired, train_goals = train_paired_table(args) if args.paired or args.paired_only else ("", [])
     low, low_goals = bf16_table(args, bf16_matmul_rate) if bf16 else ("", [])
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
-    goals = targets(results, matmul_rate) + paired_goals + low_goals + memory_goals
+    goals = targets(results, matmul_rate) + paired_goals + train_goals + low_goals + memory_goals
 
     for markdown in ([False, True] if args.markdown and results else [False] if results else []):
         print()
@@ -674,6 +713,8 @@ def main(argv=None) -> None:
     if paired:
         print()
         print(paired)
+        print()
+        print(train_paired)
     if low:
         print()
         print(low)
@@ -696,6 +737,10 @@ def main(argv=None) -> None:
                         "compiled+cl, in a default-allocator worker; both models' eager+cl and the peer's compiled+cl "
                         "in a keep_freed_memory() worker; all timed in strict alternation; ratios are medians of "
                         "per-round ratios):", "", paired]
+            section += ["", "Paired training check (train form, AdamW step with cross-entropy: our plain step with "
+                        "PyTorch's ops alone, our eager steps in NCHW and channels-last, the peer's eager steps; all "
+                        "timed in strict alternation in one default-allocator worker; ratios are medians of "
+                        "per-round ratios):", "", train_paired]
         if low:
             section += ["", "bfloat16 check (after keep_freed_memory(), all timed in strict alternation in one worker: "
                         "our float32 eager+cl, our deploy form wholly in bfloat16 (`bf16+cl`, what "

@@ -41,7 +41,7 @@ def test_backbone_benchmark_quick_run(tmp_path):
 def test_backbone_benchmark_paired_check(tmp_path):
     report = tmp_path / "paired.md"
     run_benchmark("backbone", "--paired-only", "--models", "unireplknet_a", "--image-size", "64", "--batch-sizes", "2",
-                  "--paired-rounds", "3", "--warmup", "1", "--output", str(report))
+                  "--train-batch-size", "3", "--paired-rounds", "3", "--warmup", "1", "--output", str(report))
     text = report.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 2 | 3 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -51,6 +51,13 @@ def test_backbone_benchmark_paired_check(tmp_path):
     assert cells[10] in ("compiled+cl", "eager+cl+keep", "compiled+cl+keep")
     assert float(cells[7].rstrip("x")) > 0 and float(cells[12].rstrip("x")) > 0 and cells[8].endswith("%")
     assert "UniRepLKNet-A batch 2, paired" in text  # the peer target line
+    # the training check: plain, eager, eager+cl, the fastest of ours, over plain, the peer's fastest and over it
+    row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 3 | 3 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(float(cells[i]) > 0 for i in (3, 4, 5, 10))
+    assert cells[6] in ("eager", "eager+cl") and cells[8] == "convnextv2_atto" and cells[9] in ("eager", "eager+cl")
+    assert float(cells[7].rstrip("x")) > 0 and float(cells[11].rstrip("x")) > 0
+    assert "UniRepLKNet-A training step, batch 3, paired" in text
 
 
 @pytest.mark.slow
