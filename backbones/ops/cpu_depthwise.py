@@ -4,7 +4,7 @@ PyTorch runs a CPU depthwise convolution through oneDNN, which on large kernels 
 machine's vector units allow and whose weight gradient is many times slower than its forward pass (tens of times at
 13x13, see ``benchmarks/dwconv.py``). ``csrc/depthwise_cpu.cpp`` computes the forward pass and the weight gradient
 directly on channels-last maps: each task copies a band of the input, for 16 channels at a time, into a zero-padded
-contiguous buffer, then keeps up to 8 output pixels (forward) or up to 16 kernel taps (weight gradient) in vector
+contiguous buffer, then keeps up to 14 output pixels (forward) or up to 16 kernel taps (weight gradient) in vector
 registers. The input gradient is the forward pass with the kernel rotated by 180 degrees. Results are float32
 sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
 

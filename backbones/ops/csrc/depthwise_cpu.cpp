@@ -16,17 +16,40 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <memory>
+#include <new>
 
 namespace {
 
 constexpr int kLanes = 16;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
-constexpr int kMaxWidth = 8;     // output pixels per register block in the forward pass
+constexpr int kMaxWidth = 14;    // output pixels per register block in the forward pass
 constexpr int kMaxTapGroup = 16; // kernel taps per register block in the weight gradient
 constexpr int64_t kBandPixels = 4096;  // about this many padded input pixels per task (a few hundred KiB)
+
+// Zero-initialised float buffer on a 64-byte boundary: the buffers' vectors then never straddle two cache lines
+// (a split load takes two of the core's load slots).
+class Buffer {
+ public:
+  explicit Buffer(int64_t n) : data_(static_cast<float*>(std::aligned_alloc(64, bytes(n)))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+    std::memset(data_, 0, bytes(n));
+  }
+  ~Buffer() { std::free(data_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* data() { return data_; }
+  const float* data() const { return data_; }
+  float& operator[](int64_t i) { return data_[i]; }
+  float operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  static size_t bytes(int64_t n) { return (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64; }
+  float* data_;
+};
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
@@ -93,20 +116,28 @@ inline void forward_block(const float* in, const float* w, vec bias, float* out,
 typedef void (*ForwardBlockFn)(const float*, const float*, vec, float*, int64_t, int64_t, int64_t, int64_t,
                                int64_t);
 const ForwardBlockFn kForwardBlocks[kMaxWidth + 1] = {
-    nullptr,           forward_block<1>, forward_block<2>, forward_block<3>, forward_block<4>,
-    forward_block<5>, forward_block<6>, forward_block<7>, forward_block<8>,
+    nullptr,           forward_block<1>,  forward_block<2>,  forward_block<3>,  forward_block<4>,
+    forward_block<5>,  forward_block<6>,  forward_block<7>,  forward_block<8>,  forward_block<9>,
+    forward_block<10>, forward_block<11>, forward_block<12>, forward_block<13>, forward_block<14>,
 };
+
+// The register block width for rows of W pixels: as few blocks as kMaxWidth allows, of (nearly) equal width, so a
+// 14- or 28-pixel row runs 14-wide blocks instead of 8 + 6.
+int64_t block_width(int64_t W) {
+  const int64_t blocks = (W + kMaxWidth - 1) / kMaxWidth;
+  return (W + blocks - 1) / blocks;
+}
 
 int64_t band_rows(int64_t H, int64_t W, int64_t pad) {
   return std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / (W + 2 * pad)));
 }
 
 // (K, K, C) weights as (Cp / 16, K, K, 16), zeros past channel C
-std::vector<float> blocked_weights(const float* w, int64_t K, int64_t C) {
+std::unique_ptr<Buffer> blocked_weights(const float* w, int64_t K, int64_t C) {
   const int64_t blocks = round_up(C, kLanes) / kLanes;
-  std::vector<float> out(blocks * K * K * kLanes, 0.f);
+  auto out = std::make_unique<Buffer>(blocks * K * K * kLanes);
   for (int64_t t = 0; t < K * K; ++t)
-    for (int64_t c = 0; c < C; ++c) out[((c / kLanes) * K * K + t) * kLanes + c % kLanes] = w[t * C + c];
+    for (int64_t c = 0; c < C; ++c) (*out)[((c / kLanes) * K * K + t) * kLanes + c % kLanes] = w[t * C + c];
   return out;
 }
 
@@ -116,13 +147,14 @@ void forward_impl(const float* x, const float* w, const float* bias, float* y, i
   const int64_t pad = dil * (K / 2);
   const int64_t blocks = round_up(C, kLanes) / kLanes;
   const int64_t Wp = W + 2 * pad;
-  const std::vector<float> wb = blocked_weights(w, K, C);
-  std::vector<float> bp(blocks * kLanes, 0.f);
+  const std::unique_ptr<Buffer> wb = blocked_weights(w, K, C);
+  Buffer bp(blocks * kLanes);
   if (bias != nullptr) std::memcpy(bp.data(), bias, sizeof(float) * C);
   const int64_t rows = band_rows(H, W, pad);
   const int64_t bands = (H + rows - 1) / rows;
+  const int64_t width = block_width(W);
   at::parallel_for(0, B * bands * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf((rows + 2 * pad) * Wp * kLanes);
+    Buffer buf((rows + 2 * pad) * Wp * kLanes);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cb = task % blocks, band = task / blocks;
       const int64_t b = band / bands, row0 = (band % bands) * rows;
@@ -130,11 +162,11 @@ void forward_impl(const float* x, const float* w, const float* bias, float* y, i
       const int64_t valid = std::min<int64_t>(kLanes, C - c0);
       fill_block(x, b, row0, n_rows, H, W, C, c0, pad, buf.data());
       const vec bv = load(bp.data() + c0);
-      const float* wc = wb.data() + cb * K * K * kLanes;
+      const float* wc = wb->data() + cb * K * K * kLanes;
       for (int64_t r = 0; r < n_rows; ++r) {
         float* out_row = y + ((b * H + row0 + r) * W) * C + c0;
-        for (int64_t ow = 0; ow < W; ow += kMaxWidth) {
-          const int64_t n = std::min<int64_t>(kMaxWidth, W - ow);
+        for (int64_t ow = 0; ow < W; ow += width) {
+          const int64_t n = std::min<int64_t>(width, W - ow);
           kForwardBlocks[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid);
         }
       }
@@ -177,10 +209,10 @@ void weight_grad_impl(const float* x, const float* g, float* dw, int64_t B, int6
   const int64_t bands = (H + rows - 1) / rows;
   const int64_t threads = at::get_num_threads();
   const int64_t taps = K * K * kLanes;  // one channel block's gradient
-  std::vector<float> partial(threads * blocks * taps, 0.f);
+  Buffer partial(threads * blocks * taps);
   at::parallel_for(0, B * bands * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf((rows + 2 * pad) * Wp * kLanes);
-    std::vector<float> grad(rows * W * kLanes);
+    Buffer buf((rows + 2 * pad) * Wp * kLanes);
+    Buffer grad(rows * W * kLanes);
     float* acc = partial.data() + at::get_thread_num() * blocks * taps;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cb = task % blocks, band = task / blocks;
