@@ -320,6 +320,24 @@ def test_cpu_direct_command_builds_and_checks_the_kernels():
     assert "CPU depthwise kernels ready" in done.stdout
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7, 80), (1, 14, 14, 1280), (3, 9, 11, 19), (1, 1, 1, 1), (2, 30, 30, 64)],
+                         ids=str)
+def test_cpu_spatial_square_sum_matches_float64_with_its_gradient(shape):
+    from backbones.ops.cpu_depthwise import spatial_square_sum
+
+    require_cpu_direct()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    weights = torch.randn(shape[0], 1, 1, shape[3])
+    out = spatial_square_sum(x)
+    x64 = x.detach().double().requires_grad_()
+    expected = x64.square().sum(dim=(1, 2), keepdim=True)
+    assert out.shape == expected.shape == (shape[0], 1, 1, shape[3])
+    assert relative_error(out, expected) <= 1e-6
+    (out * weights).sum().backward()
+    (expected * weights.double()).sum().backward()
+    assert relative_error(x.grad, x64.grad) <= 1e-6
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The dispatcher
 

@@ -8,6 +8,9 @@ contiguous buffer, then keeps up to 14 output pixels (forward) or up to 16 kerne
 registers. The input gradient is the forward pass with the kernel rotated by 180 degrees. Results are float32
 sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
 
+The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass for the blocks'
+fast path.
+
 The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 30 s; g++, the
 Python headers and ninja are needed), for the CPU it runs on (``-march=native``), and cached under
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder named after the source's and the CPU's
@@ -31,7 +34,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["cpu_direct_depthwise_conv2d", "extension", "unavailable_reason", "SOURCE"]
+__all__ = ["cpu_direct_depthwise_conv2d", "extension", "spatial_square_sum", "unavailable_reason", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
 _LOG = logging.getLogger(__name__)
@@ -145,6 +148,24 @@ def cpu_direct_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Opt
     """Depthwise correlation, stride 1, padding ``dilation * (K // 2)``: ``(B, C, H, W) -> (B, C, H, W)``
     (channels-last memory), float32 CPU tensors, with the gradients of all three."""
     return _CPUDirectDepthwise.apply(x, weight, bias, int(dilation))
+
+
+class _SpatialSquareSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return extension().spatial_square_sum(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return x * (2 * grad_output)
+
+
+def spatial_square_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.square().sum(dim=(1, 2), keepdim=True)`` of a float32 CPU map ``(B, H, W, C)`` in one pass, with no
+    temporary the size of the map (GRN's norm); differentiable."""
+    return _SpatialSquareSum.apply(x)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,8 @@
 // one kernel row's K taps (in groups) in registers and streams the output gradient over them. The input gradient is
 // the forward pass with the kernel rotated by 180 degrees.
 //
+// The same extension holds GRN's spatial sum of squares (square_sum_impl), which the blocks' fast path uses.
+//
 // Vectors are GCC vector extensions, so the same source compiles to AVX-512, AVX2 or SSE as the machine has.
 
 #include <torch/extension.h>
@@ -242,6 +244,66 @@ void weight_grad_impl(const float* x, const float* g, float* dw, int64_t B, int6
   }
 }
 
+// GRN's norm: s (B, C) = sum over the P pixels of x (B, P, C) squared, in one pass with no temporary map. Each task
+// sums kSumVectors vectors of channels of one image; partial sums over kSumRun pixels are added to the total, so the
+// rounding error grows with P / kSumRun + kSumRun rather than with P.
+constexpr int kSumVectors = 4;
+constexpr int64_t kSumRun = 64;
+
+void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C) {
+  const int64_t span = kSumVectors * kLanes;
+  const int64_t groups = (C + span - 1) / span;
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / groups, c0 = (task % groups) * span;
+      const float* base = x + b * P * C;
+      float* dst = out + b * C;
+      if (c0 + span <= C) {
+        vec total[kSumVectors] = {};
+        for (int64_t p0 = 0; p0 < P; p0 += kSumRun) {
+          vec run[kSumVectors] = {};
+          const int64_t p1 = std::min(P, p0 + kSumRun);
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* px = base + p * C + c0;
+#pragma GCC unroll 4
+            for (int v = 0; v < kSumVectors; ++v) {
+              const vec a = load(px + v * kLanes);
+              run[v] += a * a;
+            }
+          }
+#pragma GCC unroll 4
+          for (int v = 0; v < kSumVectors; ++v) total[v] += run[v];
+        }
+        std::memcpy(dst + c0, total, sizeof(total));
+      } else {  // the channel tail, one channel at a time
+        for (int64_t c = c0; c < C; ++c) {
+          float total = 0.f;
+          for (int64_t p0 = 0; p0 < P; p0 += kSumRun) {
+            float run = 0.f;
+            for (int64_t p = p0; p < std::min(P, p0 + kSumRun); ++p) run += base[p * C + c] * base[p * C + c];
+            total += run;
+          }
+          dst[c] = total;
+        }
+      }
+    }
+  });
+}
+
+// (B, H, W, C) float32 -> (B, 1, 1, C): the sum over H and W of x squared
+torch::Tensor spatial_square_sum(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
+              "spatial_square_sum: a float32 CPU map (B, H, W, C) expected");
+  auto xc = x.contiguous();
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  auto out = torch::empty({B, 1, 1, C}, x.options());
+  {
+    pybind11::gil_scoped_release release;
+    square_sum_impl(xc.data_ptr<float>(), out.data_ptr<float>(), B, P, C);
+  }
+  return out;
+}
+
 void check(const torch::Tensor& x, const torch::Tensor& weight, int64_t dilation) {
   TORCH_CHECK(dilation >= 1, "depthwise_cpu: dilation must be at least 1");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "depthwise_cpu: float32 CPU input expected");
@@ -287,4 +349,5 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor grad_output, int64_t K,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, channels-last float32 (stride 1, same padding)");
   m.def("weight_grad", &weight_grad, "weight gradient of the depthwise convolution");
+  m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
 }
