@@ -468,7 +468,11 @@ class UniRepLKNetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x))
         if self._fuse_linears(y):
-            y = self._fused_ffn(y)
+            # the residual add can ride on Linear2 where nothing comes between them (deploy form, no drop path)
+            may_add = self.gamma is None and (isinstance(self.drop_path, nn.Identity) or not self.training)
+            y, added = self._fused_ffn(y, x if may_add else None)
+            if added:
+                return y
         else:
             y = self.pwconv2(self.act(self.pwconv1(self.se(y))))
         if self.gamma is not None:
@@ -502,8 +506,10 @@ class UniRepLKNetBlock(nn.Module):
                    *self.pwconv2)
         return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
-    def _fused_ffn(self, y: torch.Tensor) -> torch.Tensor:
-        """``pwconv2(act(pwconv1(se(y))))`` without separate passes where they can be saved, in ``y``'s dtype.
+    def _fused_ffn(self, y: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
+        """``pwconv2(act(pwconv1(se(y))))`` without separate passes where they can be saved, in ``y``'s dtype, and
+        whether ``residual`` (if given) was added to it: where ``Linear2`` runs as a oneDNN call on a channels-last
+        ``residual`` of ``y``'s dtype, the add is its binary post-op (no separate pass over the map).
 
         SE scales the ``C``-channel map, ``Linear1+GELU`` runs as one oneDNN call, and then, in the deploy form on
         maps with at least ``4C`` pixels (the first two stages at 224 px), GRN's per-sample channel factor scales
@@ -528,12 +534,17 @@ class UniRepLKNetBlock(nn.Module):
                 scaled2 = weight2.unsqueeze(0) * grn.scale(h).to(dtype).view(batch, 1, -1)
                 out = torch.baddbmm(bias2.view(1, 1, channels), h.view(batch, height * width, -1),
                                     scaled2.transpose(1, 2))
-                return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+                return out.view(batch, height, width, channels).permute(0, 3, 1, 2), False
             h = h.mul_(grn.scale(h).to(dtype))  # GRN in place
             if grn.use_bias:
                 h = h.add_(grn.beta.to(dtype))
+            if residual is not None and len(self.pwconv2) == 2 and residual.dtype == dtype:
+                other = residual.permute(0, 2, 3, 1)
+                if other.is_contiguous():  # a channels-last residual: (B, H, W, C) in memory order
+                    out = torch.ops.mkldnn._linear_pointwise.binary(h, other, weight2, bias2, "add")
+                    return out.permute(0, 3, 1, 2), True
             out = torch.ops.mkldnn._linear_pointwise(h, weight2, bias2, "none", [], "").permute(0, 3, 1, 2)
-        return self.pwconv2[2](out) if len(self.pwconv2) == 3 else out
+        return (self.pwconv2[2](out) if len(self.pwconv2) == 3 else out), False
 
     @torch.no_grad()
     def reparameterize(self) -> None:

@@ -149,6 +149,22 @@ def test_grn_norm_matches_vector_norm_with_a_dead_channel(size, chunk, monkeypat
     assert relative_error(ours.grad, theirs.grad) < 1e-12
 
 
+@pytest.mark.parametrize("size, channels", [(7, 6), (14, 64), (9, 100)])
+def test_grn_norm_of_float32_maps_in_one_pass_matches_vector_norm(size, channels):
+    # float32 CPU maps take our CPU kernels' one-pass sum of squares
+    x = torch.randn(3, size, size, channels)
+    x[1, :, :, 2] = 0.0
+    ours, theirs = x.clone().requires_grad_(), x.double().requires_grad_()
+    weights = torch.randn(3, 1, 1, channels)
+    norm = _spatial_l2_norm(ours)
+    (norm * weights).sum().backward()
+    reference = torch.linalg.vector_norm(theirs, ord=2, dim=(1, 2), keepdim=True)
+    (reference * weights.double()).sum().backward()
+    assert norm.dtype == torch.float32 and norm.shape == (3, 1, 1, channels)
+    assert relative_error(norm.double(), reference) < 1e-6
+    assert torch.isfinite(ours.grad).all() and relative_error(ours.grad.double(), theirs.grad) < 1e-6
+
+
 def test_grn_norm_of_an_empty_batch():
     assert _spatial_l2_norm(torch.randn(0, 5, 5, 4)).shape == (0, 1, 1, 4)
 
