@@ -342,14 +342,16 @@ def main(argv=None) -> int:
     if args.write_policy:
         entries = [{k: c[k] for k in ("device", "dtype", "mode", "layout", "batch", "channels", "height", "width",
                                        "kernel_size", "best", "times_ms")} for c in cases]
-        existing = []
-        if args.policy_path.exists():  # keep other devices' entries
-            existing = [e for e in json.loads(args.policy_path.read_text()).get("entries", [])
-                        if e["device"] != device.type]
+        existing, machines = [], {}
+        measured = {(device.type, c["dtype"]) for c in cases}
+        if args.policy_path.exists():  # keep other devices' and other dtypes' entries
+            stored = json.loads(args.policy_path.read_text())
+            existing = [e for e in stored.get("entries", []) if (e["device"], e["dtype"]) not in measured]
+            machines = stored.get("machines", {})
         policy = {
             "written_by": "benchmarks/dwconv.py",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "machines": {device.type: machine_line(device)},
+            "machines": {**machines, device.type: machine_line(device)},
             "entries": existing + entries,
         }
         args.policy_path.write_text(json.dumps(policy, indent=1) + "\n")

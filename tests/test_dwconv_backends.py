@@ -213,6 +213,43 @@ def test_cpu_direct_dilated_matches_float64(case, dilation):
                               (expected_y.detach(), x64.grad, w64.grad, b64.grad), 2e-5)
 
 
+@pytest.mark.parametrize("case", [(2, 20, 12, 13, 13), (1, 16, 14, 14, 7), (3, 5, 7, 9, 3)], ids=str)
+def test_cpu_direct_in_bfloat16_is_float32_arithmetic_rounded(case):
+    require_cpu_direct()
+    x, weight, bias, grad_output = (t.to(torch.bfloat16) for t in cpu_case(*case))
+    x = x.contiguous(memory_format=torch.channels_last)
+    y, grad_x, grad_w, grad_b = run_backend("cpu_direct", x, weight, bias, grad_output)
+    assert y.dtype == grad_x.dtype == grad_w.dtype == grad_b.dtype == torch.bfloat16
+    # the same bfloat16 inputs in float32: our outputs are those results rounded once to bfloat16
+    expected = run_backend("cpu_direct", x.float(), weight.float(), bias.float(), grad_output.float())
+    assert torch.equal(y, expected[0].to(torch.bfloat16))
+    assert torch.equal(grad_x, expected[1].to(torch.bfloat16))
+    assert relative_error(grad_w.float(), expected[2]) <= 4e-3 and relative_error(grad_b.float(), expected[3]) <= 4e-3
+    # and within bfloat16's rounding of the float64 reference
+    assert_close_to_reference((y, grad_x, grad_w, grad_b), reference(x, weight, bias, grad_output), 1e-2)
+
+
+def test_cpu_direct_rounds_to_nearest_even_and_keeps_special_values():
+    from backbones.ops.cpu_depthwise import extension
+
+    require_cpu_direct()
+    # ties (1 + 2^-8 lies halfway between two bfloat16 values), overflow to infinity, NaN, subnormals, signed zeros
+    values = torch.tensor([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, 3.4e38, float("inf"), float("-inf"),
+                           float("nan"), 1e-40, 0.0, -0.0, 1.0 + 2 ** -9, 1 + 2 ** -7, 65504.0, -1e-3, 0.1])
+    # a 1x1 map of ones in bfloat16 and a float32 3x3 kernel whose centre tap (the only one that meets the map) holds
+    # the values: the kernels compute them in float32 and round once to bfloat16
+    x = torch.ones(1, 16, 1, 1, dtype=torch.bfloat16)
+    weight = torch.zeros(16, 1, 3, 3)
+    weight[:, 0, 1, 1] = values
+    out = extension().forward(x, weight, None, 1)
+    expected = values.to(torch.bfloat16).view(1, 16, 1, 1)  # PyTorch's rounding: to nearest, ties to even
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite], expected[finite])
+    assert torch.equal(out[finite].float().signbit(), expected[finite].float().signbit())
+
+
 def test_cpu_direct_without_bias_and_gradients_for_some_inputs_only():
     require_cpu_direct()
     x, weight, _, grad_output = cpu_case(2, 20, 12, 13, 13, bias=False)
@@ -264,7 +301,7 @@ def test_cpu_direct_hands_other_dtypes_to_torch_with_one_warning():
         first = depthwise_conv2d(x, weight, bias, backend="cpu_direct")
         depthwise_conv2d(x, weight, bias, backend="cpu_direct")
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and "compute in float32" in messages[0]
+    assert len(messages) == 1 and "float32 or bfloat16" in messages[0]
     assert torch.equal(first, F.conv2d(x, weight, bias, padding=3, groups=4))
     clear_decisions()
 

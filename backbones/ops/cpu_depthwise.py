@@ -1,12 +1,13 @@
-"""Our direct depthwise-convolution kernels for the CPU (float32), compiled on first use.
+"""Our direct depthwise-convolution kernels for the CPU (float32 and bfloat16), compiled on first use.
 
 PyTorch runs a CPU depthwise convolution through oneDNN, which on large kernels reaches a fraction of what the
 machine's vector units allow and whose weight gradient is many times slower than its forward pass (tens of times at
 13x13, see ``benchmarks/dwconv.py``). ``csrc/depthwise_cpu.cpp`` computes the forward pass and the weight gradient
 directly on channels-last maps: each task copies a band of the input, for 16 channels at a time, into a zero-padded
 contiguous buffer, then keeps up to 14 output pixels (forward) or up to 16 kernel taps (weight gradient) in vector
-registers. The input gradient is the forward pass with the kernel rotated by 180 degrees. Results are float32
-sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
+registers. The input gradient is the forward pass with the kernel rotated by 180 degrees. bfloat16 maps are read into
+the float32 buffers and the outputs rounded back to bfloat16 (round to nearest even), so all arithmetic is float32.
+Results are float32 sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
 
 The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass for the blocks'
 fast path.
@@ -123,6 +124,7 @@ class _CPUDirectDepthwise(torch.autograd.Function):
         ext = extension()
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.dilation = bias is not None, dilation
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return ext.forward(x, weight, bias, dilation)
 
     @staticmethod
@@ -137,16 +139,17 @@ class _CPUDirectDepthwise(torch.autograd.Function):
             if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
                 grad_x = grad_x.contiguous()
         if ctx.needs_input_grad[1]:
-            grad_w = ext.weight_grad(x, grad_output, weight.shape[-1], ctx.dilation)
+            grad_w = ext.weight_grad(x, grad_output, weight.shape[-1], ctx.dilation).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_output.sum(dim=(0, 2, 3))
+            grad_b = grad_output.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
 
 
 def cpu_direct_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                                 dilation: int = 1) -> torch.Tensor:
     """Depthwise correlation, stride 1, padding ``dilation * (K // 2)``: ``(B, C, H, W) -> (B, C, H, W)``
-    (channels-last memory), float32 CPU tensors, with the gradients of all three."""
+    (channels-last memory), float32 or bfloat16 CPU tensors (float32 arithmetic; the weight gradient is summed in
+    float32, then rounded to the weight's dtype), with the gradients of all three."""
     return _CPUDirectDepthwise.apply(x, weight, bias, int(dilation))
 
 

@@ -13,7 +13,7 @@ Backends:
 ``torch_channels_last``     PyTorch's convolution on a channels-last copy of the input (oneDNN's fast layout).
 ``fft``                     forward and both gradients through ``torch.fft``.
 ``direct_fft_weight_grad``  channels-last direct forward and input gradient, FFT weight gradient.
-``cpu_direct``              our direct kernels (CPU, float32, compiled on first use; see :mod:`.cpu_depthwise`).
+``cpu_direct``              our direct kernels (CPU, float32 and bfloat16, compiled on first use; :mod:`.cpu_depthwise`).
 ``triton``                  Triton kernels (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
 ==========================  =====================================================================================
 
@@ -125,8 +125,8 @@ def _triton_supports(x, weight) -> Optional[str]:
 def _cpu_direct_supports(x, weight) -> Optional[str]:
     if x.device.type != "cpu":
         return f"the CPU kernels need a CPU tensor (got {x.device.type})"
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return f"the CPU kernels compute in float32 (got {x.dtype})"
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return f"the CPU kernels take float32 or bfloat16 maps and weights of the same dtype (got {x.dtype})"
     return None
 
 

@@ -1,4 +1,4 @@
-// Direct depthwise convolution on the CPU for channels-last float32 maps: stride 1, "same" padding
+// Direct depthwise convolution on the CPU for channels-last float32 and bfloat16 maps (float32 arithmetic): stride 1, "same" padding
 // (dilation * (K - 1) / 2 pixels), odd K, any dilation.
 //
 // Layout: x and the output are (B, H, W, C) in memory (a channels-last NCHW tensor), the weight is given as
@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -56,13 +57,51 @@ class Buffer {
 inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 
+// bfloat16 maps are read into the float32 buffers and written back with round-to-nearest-even: all arithmetic is
+// float32. A bfloat16 value is the upper half of a float32's bits.
+typedef uint16_t hvec __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
+typedef uint32_t uvec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline vec load_float(const float* p) { return load(p); }
+inline vec load_float(const uint16_t* p) {
+  const uvec bits = __builtin_convertvector(*reinterpret_cast<const hvec*>(p), uvec) << 16;
+  vec v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline hvec to_bfloat16(vec v) {
+  uvec bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uvec nan = reinterpret_cast<uvec>((bits & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+  const uvec rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return __builtin_convertvector((rounded & ~nan) | (nan & 0x7fc0u), hvec);
+}
+// the first `valid` lanes of v to p
+inline void store_lanes(float* p, vec v, int64_t valid) {
+  if (valid == kLanes) store(p, v);
+  else std::memcpy(p, &v, sizeof(float) * valid);
+}
+inline void store_lanes(uint16_t* p, vec v, int64_t valid) {
+  const hvec h = to_bfloat16(v);
+  if (valid == kLanes) *reinterpret_cast<hvec*>(p) = h;
+  else std::memcpy(p, &h, sizeof(uint16_t) * valid);
+}
+
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // One 16-channel block (channels c0 .. c0 + 15) of the padded rows [row0 - pad, row0 + rows + pad) of image b of
 // x (B, H, W, C), into buf ((rows + 2 pad) x (W + 2 pad) x 16): zeros outside the image and past channel C. The block
 // is contiguous, so the inner loops read consecutive cache lines (reading a channels-last map in place steps by
 // 4C bytes per pixel, which maps every access of a 16-channel column to a quarter of the L1 cache's sets).
-void fill_block(const float* x, int64_t b, int64_t row0, int64_t rows, int64_t H, int64_t W, int64_t C, int64_t c0,
+template <typename T>
+void fill_block(const T* x, int64_t b, int64_t row0, int64_t rows, int64_t H, int64_t W, int64_t C, int64_t c0,
                 int64_t pad, float* buf) {
   const int64_t Wp = W + 2 * pad;
   const int64_t valid = std::min<int64_t>(kLanes, C - c0);
@@ -75,14 +114,14 @@ void fill_block(const float* x, int64_t b, int64_t row0, int64_t rows, int64_t H
     }
     std::memset(dst, 0, sizeof(float) * pad * kLanes);
     std::memset(dst + (pad + W) * kLanes, 0, sizeof(float) * pad * kLanes);
-    const float* src = x + ((b * H + ih) * W) * C + c0;
+    const T* src = x + ((b * H + ih) * W) * C + c0;
     dst += pad * kLanes;
     if (valid == kLanes) {
-      for (int64_t w = 0; w < W; ++w) store(dst + w * kLanes, load(src + w * C));
+      for (int64_t w = 0; w < W; ++w) store(dst + w * kLanes, load_float(src + w * C));
     } else {
       for (int64_t w = 0; w < W; ++w) {
         std::memset(dst + w * kLanes, 0, sizeof(float) * kLanes);
-        std::memcpy(dst + w * kLanes, src + w * C, sizeof(float) * valid);
+        for (int64_t i = 0; i < valid; ++i) dst[w * kLanes + i] = to_float(src[w * C + i]);
       }
     }
   }
@@ -91,8 +130,8 @@ void fill_block(const float* x, int64_t b, int64_t row0, int64_t rows, int64_t H
 // One register block of the forward pass: out[i] (i < N) = bias + sum_{kh, kw} in[kh][i + kw] * w[kh][kw] for one
 // 16-channel vector. `in` points at padded pixel (row, col) of the block's first output in a fill_block buffer, `w`
 // at tap (0, 0) of the block's (K, K, 16) weights.
-template <int N>
-inline void forward_block(const float* in, const float* w, vec bias, float* out, int64_t K, int64_t dil,
+template <int N, typename T>
+inline void forward_block(const float* in, const float* w, vec bias, T* out, int64_t K, int64_t dil,
                           int64_t Wp, int64_t out_stride, int64_t valid) {
   vec acc[N];
 #pragma GCC unroll 16
@@ -107,20 +146,18 @@ inline void forward_block(const float* in, const float* w, vec bias, float* out,
       for (int i = 0; i < N; ++i) acc[i] += load(src + i * kLanes) * wv;
     }
   }
-  if (valid == kLanes) {
 #pragma GCC unroll 16
-    for (int i = 0; i < N; ++i) store(out + i * out_stride, acc[i]);
-  } else {
-    for (int i = 0; i < N; ++i) std::memcpy(out + i * out_stride, &acc[i], sizeof(float) * valid);
-  }
+  for (int i = 0; i < N; ++i) store_lanes(out + i * out_stride, acc[i], valid);
 }
 
-typedef void (*ForwardBlockFn)(const float*, const float*, vec, float*, int64_t, int64_t, int64_t, int64_t,
-                               int64_t);
-const ForwardBlockFn kForwardBlocks[kMaxWidth + 1] = {
-    nullptr,           forward_block<1>,  forward_block<2>,  forward_block<3>,  forward_block<4>,
-    forward_block<5>,  forward_block<6>,  forward_block<7>,  forward_block<8>,  forward_block<9>,
-    forward_block<10>, forward_block<11>, forward_block<12>, forward_block<13>, forward_block<14>,
+template <typename T>
+using ForwardBlockFn = void (*)(const float*, const float*, vec, T*, int64_t, int64_t, int64_t, int64_t, int64_t);
+template <typename T>
+constexpr ForwardBlockFn<T> kForwardBlocks[kMaxWidth + 1] = {
+    nullptr,
+    forward_block<1, T>,  forward_block<2, T>,  forward_block<3, T>,  forward_block<4, T>,  forward_block<5, T>,
+    forward_block<6, T>,  forward_block<7, T>,  forward_block<8, T>,  forward_block<9, T>,  forward_block<10, T>,
+    forward_block<11, T>, forward_block<12, T>, forward_block<13, T>, forward_block<14, T>,
 };
 
 // The register block width for rows of W pixels: as few blocks as kMaxWidth allows, of (nearly) equal width, so a
@@ -144,7 +181,8 @@ std::unique_ptr<Buffer> blocked_weights(const float* w, int64_t K, int64_t C) {
 }
 
 // y (B, H, W, C) = depthwise(x (B, H, W, C), w (K, K, C), dilation dil) + bias (C)
-void forward_impl(const float* x, const float* w, const float* bias, float* y, int64_t B, int64_t H, int64_t W,
+template <typename T>
+void forward_impl(const T* x, const float* w, const float* bias, T* y, int64_t B, int64_t H, int64_t W,
                   int64_t C, int64_t K, int64_t dil) {
   const int64_t pad = dil * (K / 2);
   const int64_t blocks = round_up(C, kLanes) / kLanes;
@@ -166,10 +204,10 @@ void forward_impl(const float* x, const float* w, const float* bias, float* y, i
       const vec bv = load(bp.data() + c0);
       const float* wc = wb->data() + cb * K * K * kLanes;
       for (int64_t r = 0; r < n_rows; ++r) {
-        float* out_row = y + ((b * H + row0 + r) * W) * C + c0;
+        T* out_row = y + ((b * H + row0 + r) * W) * C + c0;
         for (int64_t ow = 0; ow < W; ow += width) {
           const int64_t n = std::min<int64_t>(width, W - ow);
-          kForwardBlocks[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid);
+          kForwardBlocks<T>[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid);
         }
       }
     }
@@ -202,7 +240,8 @@ const WeightGradBlockFn kWeightGradBlocks[kMaxTapGroup + 1] = {
 };
 
 // dw (K, K, C) = sum_{b, oh, ow} g[b, oh, ow] * xpad[b, oh + kh dil, ow + kw dil]
-void weight_grad_impl(const float* x, const float* g, float* dw, int64_t B, int64_t H, int64_t W, int64_t C,
+template <typename T>
+void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, int64_t W, int64_t C,
                       int64_t K, int64_t dil) {
   const int64_t pad = dil * (K / 2);
   const int64_t blocks = round_up(C, kLanes) / kLanes;
@@ -306,7 +345,8 @@ torch::Tensor spatial_square_sum(torch::Tensor x) {
 
 void check(const torch::Tensor& x, const torch::Tensor& weight, int64_t dilation) {
   TORCH_CHECK(dilation >= 1, "depthwise_cpu: dilation must be at least 1");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "depthwise_cpu: float32 CPU input expected");
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "depthwise_cpu: float32 or bfloat16 CPU input expected");
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
                   weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
               "depthwise_cpu: x (B, C, H, W) and weight (C, 1, K, K) with odd K expected");
@@ -321,10 +361,15 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor weight, c10::optional<torch
   torch::Tensor bl;
   if (bias.has_value() && bias->defined()) bl = bias->detach().to(torch::kFloat32).contiguous();
   auto y = torch::empty({B, H, W, C}, x.options());
+  const float* bp = bl.defined() ? bl.data_ptr<float>() : nullptr;
   {
     pybind11::gil_scoped_release release;
-    forward_impl(xl.data_ptr<float>(), wl.data_ptr<float>(), bl.defined() ? bl.data_ptr<float>() : nullptr,
-                 y.data_ptr<float>(), B, H, W, C, K, dilation);
+    if (x.scalar_type() == torch::kBFloat16) {
+      forward_impl(reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()), wl.data_ptr<float>(), bp,
+                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), B, H, W, C, K, dilation);
+    } else {
+      forward_impl(xl.data_ptr<float>(), wl.data_ptr<float>(), bp, y.data_ptr<float>(), B, H, W, C, K, dilation);
+    }
   }
   return y.permute({0, 3, 1, 2});
 }
@@ -335,11 +380,17 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor grad_output, int64_t K,
   TORCH_CHECK(grad_output.sizes() == x.sizes(), "depthwise_cpu: grad_output must have the input's shape");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto xl = x.permute({0, 2, 3, 1}).contiguous();
-  auto gl = grad_output.to(torch::kFloat32).permute({0, 2, 3, 1}).contiguous();
-  auto dw = torch::empty({K * K, C}, x.options());
+  auto gl = grad_output.to(x.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  auto dw = torch::empty({K * K, C}, x.options().dtype(torch::kFloat32));
   {
     pybind11::gil_scoped_release release;
-    weight_grad_impl(xl.data_ptr<float>(), gl.data_ptr<float>(), dw.data_ptr<float>(), B, H, W, C, K, dilation);
+    if (x.scalar_type() == torch::kBFloat16) {
+      weight_grad_impl(reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()),
+                       reinterpret_cast<const uint16_t*>(gl.data_ptr<at::BFloat16>()), dw.data_ptr<float>(), B, H, W,
+                       C, K, dilation);
+    } else {
+      weight_grad_impl(xl.data_ptr<float>(), gl.data_ptr<float>(), dw.data_ptr<float>(), B, H, W, C, K, dilation);
+    }
   }
   return dw.t().reshape({C, 1, K, K});
 }
@@ -347,7 +398,7 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor grad_output, int64_t K,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "depthwise convolution, channels-last float32 (stride 1, same padding)");
-  m.def("weight_grad", &weight_grad, "weight gradient of the depthwise convolution");
+  m.def("forward", &forward, "depthwise convolution, channels-last float32 or bfloat16 (stride 1, same padding)");
+  m.def("weight_grad", &weight_grad, "weight gradient (float32) of the depthwise convolution");
   m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
 }
