@@ -398,12 +398,16 @@ def memory_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
 PEERS = {"unireplknet_a": "convnextv2_atto", "unireplknet_t": "convnextv2_tiny"}
 # (worker, which model, way) timed in this order every round: "ours" is the UniRepLKNet model, "peer" its ConvNeXt V2
 PAIRED_KEYS = (("default", "ours", "plain"), ("default", "ours", "eager+cl"), ("keep", "ours", "eager+cl"),
-               ("default", "peer", "compiled+cl"), ("keep", "peer", "eager+cl"), ("keep", "peer", "compiled+cl"))
+               ("default", "peer", "compiled+cl"), ("keep", "peer", "eager+cl"), ("keep", "peer", "compiled+cl"),
+               ("keep", "matmul", "float32"))
+# "matmul": one MATMUL_SIZE torch.mm, timed in the same rounds, so "of matmul" is a per-round ratio that drift of
+# the machine's speed does not skew
 # the bfloat16 check, all after keep_freed_memory(): our float32 eager+cl against our bfloat16 ways (the whole model
 # in bfloat16, as optimize_for_inference(dtype=torch.bfloat16) makes it, and float32 weights under bfloat16 autocast)
 # and the peer's bfloat16 ways
 BF16_PAIRED_KEYS = (("keep", "ours", "eager+cl"), ("keep", "ours", "bf16+cl"), ("keep", "ours", "autocast+cl"),
-                    ("keep", "peer", "bf16+cl"), ("keep", "peer", "compiled+bf16+cl"), ("keep", "peer", "autocast+cl"))
+                    ("keep", "peer", "bf16+cl"), ("keep", "peer", "compiled+bf16+cl"), ("keep", "peer", "autocast+cl"),
+                    ("keep", "matmul", "bfloat16"))
 
 
 # the training check, all in the default-allocator worker: our train form's plain step (PyTorch's ops alone, as
@@ -423,6 +427,10 @@ def paired_child(batch: int, image_size: int, keep: bool) -> None:
     steps = {}
 
     def build(name: str, way: str) -> Callable[[], None]:
+        if name == "matmul":  # the machine's matrix-multiply rate, in the same rounds
+            a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=getattr(torch, way)) for _ in range(2))
+            out = torch.empty_like(a)
+            return lambda: torch.mm(a, b, out=out)
         if way.startswith("train:"):  # a training step of the train form (AdamW, cross-entropy)
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False)
@@ -447,7 +455,7 @@ def paired_child(batch: int, image_size: int, keep: bool) -> None:
 def paired_times(name: str, batch: int, args: argparse.Namespace, keys=PAIRED_KEYS) -> dict:
     """Seconds of every way of ``keys`` in each of ``args.paired_rounds`` rounds, timed in strict alternation in
     worker processes (default allocator, and after ``keep_freed_memory()``, as the keys name them)."""
-    models = {"ours": name, "peer": PEERS[name]}
+    models = {"ours": name, "peer": PEERS[name], "matmul": "matmul"}
     workers = {}
     for allocator in dict.fromkeys(key[0] for key in keys):
         workers[allocator] = subprocess.Popen(
@@ -488,7 +496,18 @@ def paired_ratio(times: dict, slower, faster) -> float:
     return statistics.median(n / d for n, d in zip(times[slower], times[faster], strict=True))
 
 
-def paired_table(args: argparse.Namespace, matmul_rate: float) -> Tuple[str, List[str]]:
+def paired_fraction(times: dict, key, gflop: float, matmul_key) -> float:
+    """Median over rounds of the GFLOP/s of ``key`` (``gflop`` per call) over the matmul rate in the same round."""
+    rate = 2 * MATMUL_SIZE**3 / 1e9
+    return statistics.median((gflop / t) / (rate / m) for t, m in zip(times[key], times[matmul_key], strict=True))
+
+
+def paired_matmul_rate(times: dict, matmul_key) -> float:
+    """Median GFLOP/s of the matmul timed in the paired rounds."""
+    return 2 * MATMUL_SIZE**3 / 1e9 / statistics.median(times[matmul_key])
+
+
+def paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     """UniRepLKNet's plain form, its fastest eager ways and its ConvNeXt V2 peer's fastest ways, timed in strict
     alternation (:func:`paired_times`) so drift of a shared machine hits all alike. "Fastest" and the peer's fastest
     are the ways with the best median; ratios are medians over rounds of the per-round ratio. Returns the table and
@@ -507,12 +526,13 @@ def paired_table(args: argparse.Namespace, matmul_rate: float) -> Tuple[str, Lis
             speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
             ours = max((k for k in PAIRED_KEYS if k[1] == "ours" and k != plain), key=speed.get)
             theirs = max((k for k in PAIRED_KEYS if k[1] == "peer"), key=speed.get)
-            fraction = speed[ours] * gflops / matmul_rate
+            fraction = paired_fraction(times, ours, batch * gflops, ("keep", "matmul", "float32"))
             over_plain, over_peer = paired_ratio(times, plain, ours), paired_ratio(times, theirs, ours)
             rows.append([name, str(batch), str(args.paired_rounds), f"{speed[plain]:.1f}",
                          f"{speed['default', 'ours', 'eager+cl']:.1f}", f"{speed['keep', 'ours', 'eager+cl']:.1f}",
                          paired_label(ours), f"{over_plain:.2f}x", f"{fraction:.1%}", peer, paired_label(theirs),
-                         f"{speed[theirs]:.1f}", f"{over_peer:.2f}x"])
+                         f"{speed[theirs]:.1f}", f"{over_peer:.2f}x",
+                         f"{paired_matmul_rate(times, ('keep', 'matmul', 'float32')):.0f}"])
             print(f"  {name:<16} paired, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
             variant = f"UniRepLKNet-{name[-1].upper()}"
             if batch == max(args.batch_sizes):
@@ -527,7 +547,7 @@ def paired_table(args: argparse.Namespace, matmul_rate: float) -> Tuple[str, Lis
                 check(f"{variant} batch-1 latency, paired, plain over fastest ({paired_label(ours)})", over_plain,
                       1.3)
     header = ["model", "batch", "rounds", "plain img/s", "eager+cl img/s", "eager+cl+keep img/s", "fastest",
-              "vs plain", "of matmul", "peer", "peer's fastest", "peer img/s", "vs peer"]
+              "vs plain", "of matmul", "peer", "peer's fastest", "peer img/s", "vs peer", "matmul GFLOP/s"]
     return format_table(header, rows, markdown=True, left=(0, 6, 9, 10)), goals
 
 
@@ -558,7 +578,7 @@ def train_paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     return format_table(header, rows, markdown=True, left=(0, 6, 8, 9)), goals
 
 
-def bf16_table(args: argparse.Namespace, bf16_matmul_rate: float) -> Tuple[str, List[str]]:
+def bf16_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     """Our float32 eager+cl against our bfloat16 ways and the peer's (:data:`BF16_PAIRED_KEYS`), timed in strict
     alternation after ``keep_freed_memory()``. Returns the table and the target lines (bfloat16 faster than our
     float32 path)."""
@@ -578,15 +598,16 @@ def bf16_table(args: argparse.Namespace, bf16_matmul_rate: float) -> Tuple[str, 
             rows.append([name, str(batch), str(args.paired_rounds), f"{speed[fp32]:.1f}",
                          f"{speed['keep', 'ours', 'bf16+cl']:.1f}", f"{speed['keep', 'ours', 'autocast+cl']:.1f}",
                          paired_label(ours), f"{over_fp32:.2f}x", f"{autocast_over_fp32:.2f}x",
-                         f"{speed[ours] * gflops / bf16_matmul_rate:.1%}", peer, paired_label(theirs),
-                         f"{speed[theirs]:.1f}", f"{over_peer:.2f}x"])
+                         f"{paired_fraction(times, ours, batch * gflops, ('keep', 'matmul', 'bfloat16')):.1%}", peer,
+                         paired_label(theirs), f"{speed[theirs]:.1f}", f"{over_peer:.2f}x",
+                         f"{paired_matmul_rate(times, ('keep', 'matmul', 'bfloat16')):.0f}"])
             print(f"  {name:<16} bfloat16, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
             goals.append(f"{'met' if over_fp32 > 1 else 'UNMET'}: UniRepLKNet-{name[-1].upper()} batch {batch}, "
                          f"paired, bfloat16 ({paired_label(ours)}) over float32 eager+cl+keep ({over_fp32:.2f}, "
                          f"target > 1)")
     header = ["model", "batch", "rounds", "float32 eager+cl+keep img/s", "bf16+cl+keep img/s",
               "autocast+cl+keep img/s", "fastest bf16", "vs float32", "autocast vs float32", "of bf16 matmul", "peer",
-              "peer's fastest bf16", "peer img/s", "vs peer"]
+              "peer's fastest bf16", "peer img/s", "vs peer", "bf16 matmul GFLOP/s"]
     return format_table(header, rows, markdown=True, left=(0, 6, 10, 11)), goals
 
 
@@ -697,9 +718,9 @@ def main(argv=None) -> None:
     forms = {"train form": 0, "deploy": 1, "model": 1, "training": 2}
     results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
     set_vs_plain(results)
-    paired, paired_goals = paired_table(args, matmul_rate) if args.paired or args.paired_only else ("", [])
+    paired, paired_goals = paired_table(args) if args.paired or args.paired_only else ("", [])
     train_paired, train_goals = train_paired_table(args) if args.paired or args.paired_only else ("", [])
-    low, low_goals = bf16_table(args, bf16_matmul_rate) if bf16 else ("", [])
+    low, low_goals = bf16_table(args) if bf16 else ("", [])
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
     goals = targets(results, matmul_rate) + paired_goals + train_goals + low_goals + memory_goals
 
@@ -736,7 +757,8 @@ def main(argv=None) -> None:
             section += ["", "Paired check (UniRepLKNet deploy form plain and eager+cl, its ConvNeXt V2 peer "
                         "compiled+cl, in a default-allocator worker; both models' eager+cl and the peer's compiled+cl "
                         "in a keep_freed_memory() worker; all timed in strict alternation; ratios are medians of "
-                        "per-round ratios):", "", paired]
+                        "per-round ratios; \"of matmul\" divides by a torch.mm timed in the same rounds, whose median "
+                        "rate is the last column):", "", paired]
             section += ["", "Paired training check (train form, AdamW step with cross-entropy: our plain step with "
                         "PyTorch's ops alone, our eager steps in NCHW and channels-last, the peer's eager steps; all "
                         "timed in strict alternation in one default-allocator worker; ratios are medians of "
@@ -746,7 +768,8 @@ def main(argv=None) -> None:
                         "our float32 eager+cl, our deploy form wholly in bfloat16 (`bf16+cl`, what "
                         "`optimize_for_inference(dtype=torch.bfloat16)` makes) and under bfloat16 autocast with "
                         "float32 weights (`autocast+cl`), the peer in bfloat16 eager, compiled and under autocast; "
-                        "ratios are medians of per-round ratios):", "", low]
+                        "ratios are medians of per-round ratios; \"of bf16 matmul\" divides by a bfloat16 torch.mm "
+                        "timed in the same rounds):", "", low]
         if memory:
             section += ["", "Training-step peak memory (one fresh process per row: peak resident memory during the "
                         "step minus resident memory before it):", "", memory]

@@ -50,6 +50,7 @@ def test_backbone_benchmark_paired_check(tmp_path):
     assert cells[6] in ("eager+cl", "eager+cl+keep") and cells[9] == "convnextv2_atto"
     assert cells[10] in ("compiled+cl", "eager+cl+keep", "compiled+cl+keep")
     assert float(cells[7].rstrip("x")) > 0 and float(cells[12].rstrip("x")) > 0 and cells[8].endswith("%")
+    assert float(cells[13]) > 0  # the matmul rate timed in the same rounds, which "of matmul" divides by
     assert "UniRepLKNet-A batch 2, paired" in text  # the peer target line
     # the training check: plain, eager, eager+cl, the fastest of ours, over plain, the peer's fastest and over it
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 3 | 3 |"))
@@ -73,6 +74,7 @@ def test_backbone_benchmark_bfloat16_check(tmp_path):
     assert cells[6] in ("bf16+cl+keep", "autocast+cl+keep") and cells[10] == "convnextv2_atto"
     assert cells[11] in ("bf16+cl+keep", "compiled+bf16+cl+keep", "autocast+cl+keep")
     assert all(float(cells[i].rstrip("x")) > 0 for i in (7, 8, 13)) and cells[9].endswith("%")
+    assert float(cells[14]) > 0  # the bfloat16 matmul rate timed in the same rounds
     assert "paired, bfloat16" in text and "over float32 eager+cl+keep" in text
 
 
