@@ -42,7 +42,7 @@ _logger = logging.getLogger(__name__)
 from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d, select_backend
 from .ops.cpu_depthwise import cpu_direct_depthwise_conv2d, spatial_square_sum
 from .ops.cpu_depthwise import unavailable_reason as cpu_kernels_unavailable
-from .ops.depthwise import _tracing
+from .ops.depthwise import _effective_dtype, _tracing
 from .runtime import fast_ops_enabled, native_bfloat16
 
 __all__ = [
@@ -392,8 +392,10 @@ class DilatedReparamBlock(nn.Module):
         weight = central_taps(conv.weight, x.shape[-2], x.shape[-1], dilation)
         if weight.shape[-1] == 1:
             return depthwise_conv2d(x, weight, conv.bias)
-        if ours:
-            return cpu_direct_depthwise_conv2d(x, weight, conv.bias, dilation)
+        if ours:  # in the dtype F.conv2d would compute in (autocast's, where it is on), as depthwise_conv2d does
+            dtype = _effective_dtype(x)
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            return cpu_direct_depthwise_conv2d(x.to(dtype), weight.to(dtype), bias, dilation)
         if weight is conv.weight:
             return conv(x)
         return F.conv2d(x, weight, conv.bias, padding=dilation * (weight.shape[-1] // 2), dilation=dilation,
