@@ -7,7 +7,8 @@ directly on channels-last maps: each task copies a band of the input, for 16 cha
 contiguous buffer, then keeps up to 14 output pixels (forward) or up to 16 kernel taps (weight gradient) in vector
 registers. The input gradient is the forward pass with the kernel rotated by 180 degrees. bfloat16 maps are read into
 the float32 buffers and the outputs rounded back to bfloat16 (round to nearest even), so all arithmetic is float32.
-Results are float32 sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
+Results are float32 sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding,
+not bit for bit.
 
 The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass for the blocks'
 fast path.
@@ -123,8 +124,7 @@ class _CPUDirectDepthwise(torch.autograd.Function):
     def forward(ctx, x, weight, bias, dilation):
         ext = extension()
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.dilation = bias is not None, dilation
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dilation, ctx.bias_dtype = dilation, None if bias is None else bias.dtype
         return ext.forward(x, weight, bias, dilation)
 
     @staticmethod
@@ -140,7 +140,7 @@ class _CPUDirectDepthwise(torch.autograd.Function):
                 grad_x = grad_x.contiguous()
         if ctx.needs_input_grad[1]:
             grad_w = ext.weight_grad(x, grad_output, weight.shape[-1], ctx.dilation).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_output.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
 

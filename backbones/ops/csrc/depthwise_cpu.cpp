@@ -343,18 +343,20 @@ torch::Tensor spatial_square_sum(torch::Tensor x) {
   return out;
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& weight, int64_t dilation) {
+// x (B, C, H, W) in float32 or bfloat16 on the CPU, an odd kernel size K, dilation >= 1
+void check(const torch::Tensor& x, int64_t K, int64_t dilation) {
   TORCH_CHECK(dilation >= 1, "depthwise_cpu: dilation must be at least 1");
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "depthwise_cpu: float32 or bfloat16 CPU input expected");
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
-                  weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              "depthwise_cpu: x (B, C, H, W) and weight (C, 1, K, K) with odd K expected");
+  TORCH_CHECK(x.dim() == 4 && K % 2 == 1, "depthwise_cpu: x (B, C, H, W) and an odd kernel size K expected");
 }
 
 // (B, C, H, W) -> the same shape, channels-last memory
 torch::Tensor forward(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t dilation) {
-  check(x, weight, dilation);
+  TORCH_CHECK(weight.dim() == 4 && x.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
+                  weight.size(2) == weight.size(3),
+              "depthwise_cpu: weight (C, 1, K, K) expected for x (B, C, H, W)");
+  check(x, weight.size(2), dilation);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
   auto xl = x.permute({0, 2, 3, 1}).contiguous();
   auto wl = weight.detach().to(torch::kFloat32).reshape({C, K * K}).t().contiguous();
@@ -376,7 +378,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor weight, c10::optional<torch
 
 // dL/dweight (C, 1, K, K) of forward(x, weight) given dL/dy
 torch::Tensor weight_grad(torch::Tensor x, torch::Tensor grad_output, int64_t K, int64_t dilation) {
-  check(x, torch::empty({x.size(1), 1, K, K}), dilation);
+  check(x, K, dilation);
   TORCH_CHECK(grad_output.sizes() == x.sizes(), "depthwise_cpu: grad_output must have the input's shape");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto xl = x.permute({0, 2, 3, 1}).contiguous();
