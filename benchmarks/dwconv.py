@@ -343,10 +343,11 @@ def main(argv=None) -> int:
         entries = [{k: c[k] for k in ("device", "dtype", "mode", "layout", "batch", "channels", "height", "width",
                                        "kernel_size", "best", "times_ms")} for c in cases]
         existing, machines = [], {}
-        measured = {(device.type, c["dtype"]) for c in cases}
-        if args.policy_path.exists():  # keep other devices' and other dtypes' entries
+        measured = {(device.type, c["dtype"], c["mode"]) for c in cases}
+        if args.policy_path.exists():  # keep other devices', dtypes' and modes' entries
             stored = json.loads(args.policy_path.read_text())
-            existing = [e for e in stored.get("entries", []) if (e["device"], e["dtype"]) not in measured]
+            existing = [e for e in stored.get("entries", [])
+                        if (e["device"], e["dtype"], e.get("mode")) not in measured]
             machines = stored.get("machines", {})
         policy = {
             "written_by": "benchmarks/dwconv.py",

@@ -304,6 +304,10 @@ def central_taps(weight: torch.Tensor, height: int, width: int, dilation: int = 
     return weight if cut == 0 else weight[:, :, cut:kernel - cut, cut:kernel - cut]
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _scaled(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A 1x1 depthwise convolution: ``x * weight (+ bias)`` per channel, in the dtype F.conv2d would compute in."""
     dtype = _effective_dtype(x)
@@ -336,12 +340,15 @@ def depthwise_conv2d(
         return _torch_backend(x, weight, bias)
     chosen = _BACKENDS[name]
     device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
     dtype = _effective_dtype(x)
     # what F.conv2d does under autocast: compute in the autocast dtype. The input may already be in it (the layer
     # before ran under autocast too) while the weight is float32: cast every operand, not only the input
-    x, weight = x.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
+    x, weight = _as(x, dtype), _as(weight, dtype)
+    bias = None if bias is None else _as(bias, dtype)
     try:
+        if not autocast:  # (entering a disabled autocast region costs a few microseconds per call)
+            return chosen.fn(x, weight, bias)
         with torch.autocast(device_type, enabled=False):
             return chosen.fn(x, weight, bias)
     except Exception as exc:

@@ -19,9 +19,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <new>
 
 namespace {
@@ -171,23 +171,14 @@ int64_t band_rows(int64_t H, int64_t W, int64_t pad) {
   return std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / (W + 2 * pad)));
 }
 
-// (K, K, C) weights as (Cp / 16, K, K, 16), zeros past channel C
-std::unique_ptr<Buffer> blocked_weights(const float* w, int64_t K, int64_t C) {
-  const int64_t blocks = round_up(C, kLanes) / kLanes;
-  auto out = std::make_unique<Buffer>(blocks * K * K * kLanes);
-  for (int64_t t = 0; t < K * K; ++t)
-    for (int64_t c = 0; c < C; ++c) (*out)[((c / kLanes) * K * K + t) * kLanes + c % kLanes] = w[t * C + c];
-  return out;
-}
-
-// y (B, H, W, C) = depthwise(x (B, H, W, C), w (K, K, C), dilation dil) + bias (C)
+// y (B, H, W, C) = depthwise(x (B, H, W, C), wb, dilation dil) + bias (C), with the weights blocked as
+// wb (Cp / 16, K, K, 16), zeros past channel C (blocked_weight)
 template <typename T>
-void forward_impl(const T* x, const float* w, const float* bias, T* y, int64_t B, int64_t H, int64_t W,
+void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t B, int64_t H, int64_t W,
                   int64_t C, int64_t K, int64_t dil) {
   const int64_t pad = dil * (K / 2);
   const int64_t blocks = round_up(C, kLanes) / kLanes;
   const int64_t Wp = W + 2 * pad;
-  const std::unique_ptr<Buffer> wb = blocked_weights(w, K, C);
   Buffer bp(blocks * kLanes);
   if (bias != nullptr) std::memcpy(bp.data(), bias, sizeof(float) * C);
   const int64_t rows = band_rows(H, W, pad);
@@ -202,7 +193,7 @@ void forward_impl(const T* x, const float* w, const float* bias, T* y, int64_t B
       const int64_t valid = std::min<int64_t>(kLanes, C - c0);
       fill_block(x, b, row0, n_rows, H, W, C, c0, pad, buf.data());
       const vec bv = load(bp.data() + c0);
-      const float* wc = wb->data() + cb * K * K * kLanes;
+      const float* wc = wb + cb * K * K * kLanes;
       for (int64_t r = 0; r < n_rows; ++r) {
         T* out_row = y + ((b * H + row0 + r) * W) * C + c0;
         for (int64_t ow = 0; ow < W; ow += width) {
@@ -343,6 +334,38 @@ torch::Tensor spatial_square_sum(torch::Tensor x) {
   return out;
 }
 
+// GRN's per-sample channel factor (B, 1, 1, C) of a float32 map x (B, H, W, C): with g = sqrt(sum over H and W of
+// x squared), gamma * g / (mean over C of g + 1e-6) + 1, the sum of squares in one pass (square_sum_impl) and the
+// rest on the (B, C) sums, one call in place of a dozen small ones (at batch 1 their dispatch costs more than their
+// arithmetic). The channel mean is summed in double.
+torch::Tensor grn_scale(torch::Tensor x, torch::Tensor gamma) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
+              "grn_scale: a float32 CPU map (B, H, W, C) expected");
+  TORCH_CHECK(gamma.scalar_type() == torch::kFloat32 && gamma.numel() == x.size(3),
+              "grn_scale: a float32 gamma with one value per channel expected");
+  auto xc = x.contiguous();
+  auto gc = gamma.detach().contiguous();
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  auto out = torch::empty({B, 1, 1, C}, x.options());
+  {
+    pybind11::gil_scoped_release release;
+    float* s = out.data_ptr<float>();
+    const float* g = gc.data_ptr<float>();
+    square_sum_impl(xc.data_ptr<float>(), s, B, P, C);
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = s + b * C;
+      double total = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        row[c] = std::sqrt(row[c]);
+        total += row[c];
+      }
+      const float denominator = static_cast<float>(total / static_cast<double>(C)) + 1e-6f;
+      for (int64_t c = 0; c < C; ++c) row[c] = g[c] * (row[c] / denominator) + 1.f;
+    }
+  }
+  return out;
+}
+
 // x (B, C, H, W) in float32 or bfloat16 on the CPU, an odd kernel size K, dilation >= 1
 void check(const torch::Tensor& x, int64_t K, int64_t dilation) {
   TORCH_CHECK(dilation >= 1, "depthwise_cpu: dilation must be at least 1");
@@ -351,29 +374,55 @@ void check(const torch::Tensor& x, int64_t K, int64_t dilation) {
   TORCH_CHECK(x.dim() == 4 && K % 2 == 1, "depthwise_cpu: x (B, C, H, W) and an odd kernel size K expected");
 }
 
-// (B, C, H, W) -> the same shape, channels-last memory
-torch::Tensor forward(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t dilation) {
-  TORCH_CHECK(weight.dim() == 4 && x.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
-                  weight.size(2) == weight.size(3),
-              "depthwise_cpu: weight (C, 1, K, K) expected for x (B, C, H, W)");
-  check(x, weight.size(2), dilation);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
+// The weight (C, 1, K, K) as the kernels read it: (Cp / 16, K, K, 16) float32, 16-channel blocks of the K x K taps,
+// zeros past channel C
+torch::Tensor blocked_weight(torch::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == weight.size(3),
+              "depthwise_cpu: weight (C, 1, K, K) expected");
+  const int64_t C = weight.size(0), K = weight.size(2), Cp = round_up(C, kLanes);
+  auto taps = weight.detach().to(torch::kFloat32).reshape({C, K * K});
+  if (Cp != C) taps = torch::constant_pad_nd(taps, {0, 0, 0, Cp - C});
+  return taps.view({Cp / kLanes, kLanes, K * K}).permute({0, 2, 1}).contiguous().view({Cp / kLanes, K, K, kLanes});
+}
+
+// (B, C, H, W) -> the same shape, channels-last memory, with the weight as blocked_weight gives it (inference keeps
+// it between calls)
+torch::Tensor forward_blocked(torch::Tensor x, torch::Tensor blocked, c10::optional<torch::Tensor> bias,
+                              int64_t dilation) {
+  TORCH_CHECK(blocked.dim() == 4 && blocked.scalar_type() == torch::kFloat32 && blocked.is_contiguous() &&
+                  blocked.size(1) == blocked.size(2) && blocked.size(3) == kLanes,
+              "depthwise_cpu: a blocked weight (Cp / 16, K, K, 16) of float32, contiguous, expected");
+  TORCH_CHECK(x.dim() == 4 && blocked.size(0) == round_up(x.size(1), kLanes) / kLanes,
+              "depthwise_cpu: the weight's channels differ from x's (B, C, H, W)");
+  const int64_t K = blocked.size(1);
+  check(x, K, dilation);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto xl = x.permute({0, 2, 3, 1}).contiguous();
-  auto wl = weight.detach().to(torch::kFloat32).reshape({C, K * K}).t().contiguous();
   torch::Tensor bl;
-  if (bias.has_value() && bias->defined()) bl = bias->detach().to(torch::kFloat32).contiguous();
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == C, "depthwise_cpu: the bias needs one value per channel");
+    bl = bias->detach().to(torch::kFloat32).contiguous();
+  }
   auto y = torch::empty({B, H, W, C}, x.options());
   const float* bp = bl.defined() ? bl.data_ptr<float>() : nullptr;
   {
     pybind11::gil_scoped_release release;
     if (x.scalar_type() == torch::kBFloat16) {
-      forward_impl(reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()), wl.data_ptr<float>(), bp,
+      forward_impl(reinterpret_cast<const uint16_t*>(xl.data_ptr<at::BFloat16>()), blocked.data_ptr<float>(), bp,
                    reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), B, H, W, C, K, dilation);
     } else {
-      forward_impl(xl.data_ptr<float>(), wl.data_ptr<float>(), bp, y.data_ptr<float>(), B, H, W, C, K, dilation);
+      forward_impl(xl.data_ptr<float>(), blocked.data_ptr<float>(), bp, y.data_ptr<float>(), B, H, W, C, K,
+                   dilation);
     }
   }
   return y.permute({0, 3, 1, 2});
+}
+
+// (B, C, H, W) -> the same shape, channels-last memory, for a weight (C, 1, K, K)
+torch::Tensor forward(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t dilation) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1),
+              "depthwise_cpu: weight (C, 1, K, K) expected for x (B, C, H, W)");
+  return forward_blocked(x, blocked_weight(weight), bias, dilation);
 }
 
 // dL/dweight (C, 1, K, K) of forward(x, weight) given dL/dy
@@ -402,5 +451,8 @@ torch::Tensor weight_grad(torch::Tensor x, torch::Tensor grad_output, int64_t K,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "depthwise convolution, channels-last float32 or bfloat16 (stride 1, same padding)");
   m.def("weight_grad", &weight_grad, "weight gradient (float32) of the depthwise convolution");
+  m.def("blocked_weight", &blocked_weight, "a (C, 1, K, K) depthwise weight as the kernels read it");
+  m.def("forward_blocked", &forward_blocked, "forward with the weight as blocked_weight gives it");
+  m.def("grn_scale", &grn_scale, "GRN's channel factor gamma * N + 1 (B, 1, 1, C) of a (B, H, W, C) float32 map");
   m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
 }
