@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigurationError, InputShapeError
 
 _logger = logging.getLogger(__name__)
 from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d, prepacked, select_backend
-from .ops.cpu_depthwise import cpu_direct_depthwise_conv2d, grn_scale, spatial_square_sum
+from .ops.cpu_depthwise import cpu_direct_depthwise_conv2d, grn_scale, se_scale, spatial_square_sum
 from .ops.cpu_depthwise import unavailable_reason as cpu_kernels_unavailable
 from .ops.depthwise import _effective_dtype, _tracing
 from .ops.prepacked import PrepackedConv2d
@@ -348,10 +348,17 @@ class SEBlock(nn.Module):
 
         With no autograd graph recorded and no hooks on the 1x1 convs, they run as matrix multiplies of the pooled
         ``(B, C)`` vector (the same products; a 1x1 convolution of a 1x1 map takes PyTorch's slow generic path), the
-        mean's division riding on the first one (``addmm``'s ``alpha``): four small ops in place of eight."""
+        mean's division riding on the first one (``addmm``'s ``alpha``): four small ops in place of eight. A float32
+        CPU batch of up to 4 takes one call of our CPU kernels instead (at T's third stage, batch 1: 32 against
+        52 us; at batch 16 the matrix multiplies are faster)."""
         down, up = self.down, self.up
         if (_may_overwrite() and type(self.nonlinear) is nn.ReLU and down.bias is not None and up.bias is not None
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in (down, up, self.nonlinear))):
+            if (x.dtype == torch.float32 and x.device.type == "cpu" and 0 < x.shape[0] <= 4 and x.numel() > 0
+                    and down.out_channels > 0 and not torch.is_autocast_enabled("cpu")
+                    and cpu_kernels_unavailable() is None
+                    and all(p.dtype == torch.float32 for p in (down.weight, down.bias, up.weight, up.bias))):
+                return se_scale(x, down.weight, down.bias, up.weight, up.bias)  # one call of our CPU kernels
             batch, channels = x.shape[:2]
             sums = x.sum(dim=(2, 3))
             h = torch.addmm(down.bias, sums, down.weight.view(-1, channels).t(), alpha=1.0 / (x.shape[2] * x.shape[3]))
@@ -537,10 +544,13 @@ class UniRepLKNetBlock(nn.Module):
         maps with at least ``4C`` pixels (the first two stages at 224 px), GRN's per-sample channel factor scales
         ``Linear2``'s weights instead of the activations (one batched matmul with weights of ``B x C x 4C``), so no
         multiply touches the ``(B, H, W, 4C)`` map; otherwise GRN runs in place and ``Linear2`` as one oneDNN call (on
-        smaller maps scaling the weights costs more than scaling the activations). Measured on 2 cores (AVX-512),
+        smaller maps scaling the weights costs more than scaling the activations). The Linears' weights are kept in
+        oneDNN's layout between calls (:mod:`backbones.ops.prepacked`). Measured on 2 cores (AVX-512),
         batch 16, float32: folding GRN into the weights took 16.3 against 17.5 ms on T's first stage; folding SE's
         factor into ``Linear1``'s weights as well (a batched matmul, then GELU apart) took 31 against 22 ms for SE on
-        the map and the fused ``Linear1+GELU``, so SE is not folded. Under bfloat16 autocast the weights are cast to
+        the map and the fused ``Linear1+GELU``, so SE is not folded; running the whole FFN one image at a time (so
+        one image's expanded map stays in the caches) measured the same as the batched calls, end to end (0.99x at
+        batch 16). Under bfloat16 autocast the weights are cast to
         bfloat16 here (autocast would cast them for its Linears too) and GRN's factor as well, so the expanded map
         stays in bfloat16 (the module path promotes it to float32 against GRN's float32 gamma)."""
         linear1, linear2, grn = self.pwconv1[1], self.pwconv2[0], self.act[1]

@@ -147,6 +147,8 @@ def run_case(args, device, dtype, model, channels, size, batch, kernel_size, lay
     flops = 2 * batch * channels * size * size * kernel_size**2 * (3 if training else 1)
     times: Dict[str, float] = {}
     for name in candidate_backends(device, layout, training):
+        if args.backends and name not in args.backends and name != "torch":
+            continue
         if _BACKENDS[name].supports(x, weight) is not None:
             continue
         best_so_far = min(times.values(), default=float("inf"))
@@ -275,6 +277,8 @@ def parse_args(argv=None):
     parser.add_argument("--nchw-max-batch", type=int, default=16,
                         help="measure NCHW input only up to this batch (the backbone feeds channels-last tensors)")
     parser.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="time only these backends (and torch, the baseline); default: every candidate")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per measurement")
     parser.add_argument("--max-call", type=float, default=1.0, help="time a call only once when slower than this")
     parser.add_argument("--write-policy", action="store_true", help=f"write the winners to {POLICY_PATH}")

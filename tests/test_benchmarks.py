@@ -30,6 +30,22 @@ def test_dwconv_benchmark_writes_a_policy_and_a_report(tmp_path):
 
 
 @pytest.mark.slow
+def test_dwconv_policy_of_one_mode_keeps_the_other_modes_entries(tmp_path):
+    policy = tmp_path / "policy.json"
+    kept = {"device": "cpu", "dtype": "float32", "mode": "training", "layout": "channels_last", "batch": 7,
+            "channels": 80, "height": 56, "width": 56, "kernel_size": 13, "best": "cpu_direct",
+            "times_ms": {"torch": 2.0, "cpu_direct": 1.0}}
+    replaced = dict(kept, mode="inference", batch=9)
+    policy.write_text(json.dumps({"machines": {}, "entries": [kept, replaced]}))
+    run_benchmark("dwconv", "--quick", "--modes", "inference", "--backends", "cpu_direct", "--write-policy",
+                  "--policy-path", str(policy))
+    entries = json.loads(policy.read_text())["entries"]
+    assert kept in entries and replaced not in entries
+    fresh = [e for e in entries if e["mode"] == "inference"]
+    assert len(fresh) == 16 and all(set(e["times_ms"]) <= {"torch", "cpu_direct"} for e in fresh)
+
+
+@pytest.mark.slow
 def test_backbone_benchmark_quick_run(tmp_path):
     report = tmp_path / "backbone.md"
     run_benchmark("backbone", "--quick", "--models", "unireplknet_a", "convnextv2_atto", "--output", str(report))

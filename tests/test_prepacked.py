@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import randomise_statistics, relative_error
 
-from backbones.ops import DepthwiseConv2d, prepacked
-from backbones.ops import cpu_depthwise
+from backbones import unireplknet
+from backbones.ops import DepthwiseConv2d, cpu_depthwise, prepacked
 from backbones.runtime import optimize_for_inference, reference_ops
 from backbones.unireplknet import GRNwithNHWC, SEBlock
 
@@ -148,18 +148,32 @@ def test_one_call_grn_factor_refuses_what_it_cannot_compute():
         cpu_depthwise.grn_scale(torch.randn(2, 3, 3, 4), torch.zeros(5))
 
 
-def test_se_at_inference_matches_its_convolutions_and_respects_hooks():
+@pytest.mark.parametrize("batch, one_call", [(3, True), (8, False)])  # small batches: one call of our kernels
+def test_se_at_inference_matches_its_convolutions_and_respects_hooks(batch, one_call, monkeypatch):
     se = SEBlock(24, 6)
-    x = torch.randn(3, 24, 7, 5).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 24, 7, 5).contiguous(memory_format=torch.channels_last)
+    calls = []
+    monkeypatch.setattr(unireplknet, "se_scale", lambda *args: calls.append(1) or cpu_depthwise.se_scale(*args))
     with torch.no_grad():
         expected = torch.sigmoid(se.up(torch.relu(se.down(x.mean(dim=(2, 3), keepdim=True)))))
         assert relative_error(se.scale(x), expected) < FLOAT32_TOLERANCE
+        assert calls == ([1] if one_call else [])
+        nchw = x.contiguous()  # the kernels take either layout
+        assert relative_error(se.scale(nchw), expected) < FLOAT32_TOLERANCE
         seen = []
         handle = se.down.register_forward_hook(lambda module, args, out: seen.append(out.shape))
         hooked = se.scale(x)
         handle.remove()
-    assert seen == [torch.Size([3, 6, 1, 1])], "a hooked SE runs its convolutions"
+    assert seen == [torch.Size([batch, 6, 1, 1])], "a hooked SE runs its convolutions"
     assert relative_error(hooked, expected) < FLOAT32_TOLERANCE
+
+
+def test_one_call_se_factor_refuses_what_it_cannot_compute():
+    weights = (torch.zeros(2, 8, 1, 1), torch.zeros(2), torch.zeros(8, 2, 1, 1), torch.zeros(8))
+    with pytest.raises(RuntimeError, match="float32 CPU map"):
+        cpu_depthwise.se_scale(torch.randn(1, 8, 3, 3, dtype=torch.float64), *weights)
+    with pytest.raises(RuntimeError, match="weights"):
+        cpu_depthwise.se_scale(torch.randn(1, 9, 3, 3), *weights)
 
 
 @pytest.mark.parametrize("name", ["unireplknet_a", "unireplknet_t"])

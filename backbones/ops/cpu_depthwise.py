@@ -11,7 +11,8 @@ Results are float32 sums in a different order than oneDNN's, so they agree with 
 not bit for bit.
 
 The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass, and at inference
-GRN's whole channel factor (:func:`grn_scale`), for the blocks' fast path.
+GRN's whole channel factor (:func:`grn_scale`) and squeeze-and-excitation's (:func:`se_scale`), for the blocks' fast
+path.
 
 The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 30 s; g++, the
 Python headers and ninja are needed), for the CPU it runs on (``-march=native``), and cached under
@@ -38,7 +39,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
-    "cpu_direct_depthwise_conv2d", "extension", "grn_scale", "spatial_square_sum", "unavailable_reason", "SOURCE",
+    "cpu_direct_depthwise_conv2d", "extension", "grn_scale", "se_scale", "spatial_square_sum", "unavailable_reason",
+    "SOURCE",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
@@ -197,6 +199,14 @@ def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     of a float32 CPU map ``(B, H, W, C)`` and a float32 ``gamma`` of ``C`` values, in one call; not differentiable
     (inference)."""
     return extension().grn_scale(x, gamma)
+
+
+def se_scale(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor,
+             up_bias: torch.Tensor) -> torch.Tensor:
+    """Squeeze-and-excitation's channel factor ``sigmoid(up(relu(down(mean_HW x))))``, ``(B, C, 1, 1)``, of a
+    float32 CPU map ``(B, C, H, W)`` (channels-last memory avoids a copy) with 1x1-convolution weights ``(R, C, 1, 1)``
+    and ``(C, R, 1, 1)`` (or the same as matrices), in one call; not differentiable (inference)."""
+    return extension().se_scale(x, down_weight, down_bias, up_weight, up_bias)
 
 
 def spatial_square_sum(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@
 // one kernel row's K taps (in groups) in registers and streams the output gradient over them. The input gradient is
 // the forward pass with the kernel rotated by 180 degrees.
 //
-// The same extension holds GRN's spatial sum of squares (square_sum_impl), which the blocks' fast path uses.
+// The same extension holds what the blocks' fast path runs in one call at inference: GRN's spatial sum of squares
+// (square_sum_impl) and channel factor, and squeeze-and-excitation's channel factor.
 //
 // Vectors are GCC vector extensions, so the same source compiles to AVX-512, AVX2 or SSE as the machine has.
 
@@ -280,7 +281,8 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
 constexpr int kSumVectors = 4;
 constexpr int64_t kSumRun = 64;
 
-void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C) {
+template <bool Square>
+void spatial_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C) {
   const int64_t span = kSumVectors * kLanes;
   const int64_t groups = (C + span - 1) / span;
   at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
@@ -298,7 +300,7 @@ void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C
 #pragma GCC unroll 4
             for (int v = 0; v < kSumVectors; ++v) {
               const vec a = load(px + v * kLanes);
-              run[v] += a * a;
+              run[v] += Square ? a * a : a;
             }
           }
 #pragma GCC unroll 4
@@ -310,7 +312,10 @@ void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C
           float total = 0.f;
           for (int64_t p0 = 0; p0 < P; p0 += kSumRun) {
             float run = 0.f;
-            for (int64_t p = p0; p < std::min(P, p0 + kSumRun); ++p) run += base[p * C + c] * base[p * C + c];
+            for (int64_t p = p0; p < std::min(P, p0 + kSumRun); ++p) {
+              const float a = base[p * C + c];
+              run += Square ? a * a : a;
+            }
             total += run;
           }
           dst[c] = total;
@@ -318,6 +323,10 @@ void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C
       }
     }
   });
+}
+
+void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C) {
+  spatial_sum_impl<true>(x, out, B, P, C);
 }
 
 // (B, H, W, C) float32 -> (B, 1, 1, C): the sum over H and W of x squared
@@ -362,6 +371,56 @@ torch::Tensor grn_scale(torch::Tensor x, torch::Tensor gamma) {
       const float denominator = static_cast<float>(total / static_cast<double>(C)) + 1e-6f;
       for (int64_t c = 0; c < C; ++c) row[c] = g[c] * (row[c] / denominator) + 1.f;
     }
+  }
+  return out;
+}
+
+// sum_i a[i] * b[i] over n floats, 16 lanes at a time
+inline float dot(const float* a, const float* b, int64_t n) {
+  vec acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// Squeeze-and-excitation's channel factor (B, C, 1, 1) of a float32 map x (B, C, H, W) laid out channels-last:
+// sigmoid(W_up relu(W_down mean_HW(x) + b_down) + b_up), with W_down (R, C) and W_up (C, R). One call where PyTorch
+// runs six small ops (a mean, two matrix-vector products, ReLU, sigmoid); at batch 1 their dispatch costs more than
+// their arithmetic.
+torch::Tensor se_scale(torch::Tensor x, torch::Tensor w_down, torch::Tensor b_down, torch::Tensor w_up,
+                       torch::Tensor b_up) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
+              "se_scale: a float32 CPU map (B, C, H, W) expected");
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), R = w_down.size(0);
+  for (const auto& t : {w_down, b_down, w_up, b_up})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), "se_scale: float32 CPU weights expected");
+  TORCH_CHECK(w_down.numel() == R * C && b_down.numel() == R && w_up.numel() == C * R && b_up.numel() == C,
+              "se_scale: weights (R, C), (R), (C, R), (C) expected for a map of C channels");
+  auto xl = x.permute({0, 2, 3, 1}).contiguous();
+  auto wd = w_down.detach().contiguous(), bd = b_down.detach().contiguous();
+  auto wu = w_up.detach().contiguous(), bu = b_up.detach().contiguous();
+  auto out = torch::empty({B, C, 1, 1}, x.options());
+  {
+    pybind11::gil_scoped_release release;
+    float* o = out.data_ptr<float>();
+    spatial_sum_impl<false>(xl.data_ptr<float>(), o, B, P, C);
+    const float* pd = wd.data_ptr<float>();
+    const float* pbd = bd.data_ptr<float>();
+    const float* pu = wu.data_ptr<float>();
+    const float* pbu = bu.data_ptr<float>();
+    const float inv = 1.f / static_cast<float>(std::max<int64_t>(P, 1));
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Buffer mean(C), hidden(R);
+      for (int64_t b = begin; b < end; ++b) {
+        float* row = o + b * C;
+        for (int64_t c = 0; c < C; ++c) mean[c] = row[c] * inv;
+        for (int64_t r = 0; r < R; ++r) hidden[r] = std::max(0.f, pbd[r] + dot(pd + r * C, mean.data(), C));
+        for (int64_t c = 0; c < C; ++c) row[c] = 1.f / (1.f + std::exp(-(pbu[c] + dot(pu + c * R, hidden.data(), R))));
+      }
+    });
   }
   return out;
 }
@@ -453,6 +512,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_grad", &weight_grad, "weight gradient (float32) of the depthwise convolution");
   m.def("blocked_weight", &blocked_weight, "a (C, 1, K, K) depthwise weight as the kernels read it");
   m.def("forward_blocked", &forward_blocked, "forward with the weight as blocked_weight gives it");
+  m.def("se_scale", &se_scale, "squeeze-and-excitation's channel factor (B, C, 1, 1) of a float32 channels-last map");
   m.def("grn_scale", &grn_scale, "GRN's channel factor gamma * N + 1 (B, 1, 1, C) of a (B, H, W, C) float32 map");
   m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
 }
