@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from backbones.runtime import reference_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,34 @@ def test_dwconv_policy_of_one_mode_keeps_the_other_modes_entries(tmp_path):
     assert kept in entries and replaced not in entries
     fresh = [e for e in entries if e["mode"] == "inference"]
     assert len(fresh) == 16 and all(set(e["times_ms"]) <= {"torch", "cpu_direct"} for e in fresh)
+
+
+def test_forward_flops_count_every_convolution_and_linear_whatever_runs_them():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from backbone import forward_gflops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import timm
+
+    model = timm.create_model("unireplknet_a", num_classes=10).eval().reparameterize()
+    expected = []
+
+    def count(module, args, out):  # 2 FLOPs per multiply-add of the layer's own shapes
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            expected.append(2 * out.numel() * module.in_channels // module.groups * kernel)
+        else:
+            expected.append(2 * out.numel() * module.in_features)
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    with torch.no_grad(), reference_ops():  # hooks see every layer on the module path
+        model(torch.randn(1, 3, 224, 224))  # (at 224 px no kernel reaches past a map, so every tap is computed)
+    for handle in handles:
+        handle.remove()
+    assert len(expected) == len(layers)
+    assert forward_gflops(model, 224) == pytest.approx(sum(expected) / 1e9, rel=1e-9)
 
 
 @pytest.mark.slow
