@@ -221,6 +221,10 @@ def _fused_dtypes() -> Tuple[torch.dtype, ...]:
 _FUSED_DTYPES = _fused_dtypes()
 
 
+# map dtypes of the one-call GRN and SE factors of our CPU kernels (float32 arithmetic either way)
+_ONE_CALL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class GELU(nn.GELU):
     """``nn.GELU`` with ``inplace`` like ``nn.ReLU``'s, applied only when no autograd graph is being recorded.
 
@@ -297,9 +301,10 @@ class GRNwithNHWC(nn.Module):
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """``gamma * N + 1``, the per-sample, per-channel factor ``(B, 1, 1, C)`` that :meth:`forward` applies.
 
-        At inference on a float32 CPU map it is one call of our CPU kernels (``grn_scale``) where they are built:
-        the dozen small ops it replaces cost about 0.1 ms per block at batch 1, in dispatch more than arithmetic."""
-        if (x.dtype == torch.float32 and self.gamma.dtype == torch.float32 and x.device.type == "cpu"
+        At inference on a float32 or bfloat16 CPU map it is one call of our CPU kernels (``grn_scale``, float32
+        arithmetic, in the dtype PyTorch's promotion gives) where they are built: the dozen small ops it replaces
+        cost about 0.1 ms per block at batch 1, in dispatch more than arithmetic."""
+        if (x.dtype in _ONE_CALL_DTYPES and self.gamma.dtype in _ONE_CALL_DTYPES and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.gamma.requires_grad))
                 and fast_ops_enabled() and not _tracing() and cpu_kernels_unavailable() is None):
             return grn_scale(x, self.gamma)
@@ -348,16 +353,17 @@ class SEBlock(nn.Module):
 
         With no autograd graph recorded and no hooks on the 1x1 convs, they run as matrix multiplies of the pooled
         ``(B, C)`` vector (the same products; a 1x1 convolution of a 1x1 map takes PyTorch's slow generic path), the
-        mean's division riding on the first one (``addmm``'s ``alpha``): four small ops in place of eight. A float32
-        CPU batch of up to 4 takes one call of our CPU kernels instead (at T's third stage, batch 1: 32 against
-        52 us; at batch 16 the matrix multiplies are faster)."""
+        mean's division riding on the first one (``addmm``'s ``alpha``): four small ops in place of eight. A CPU
+        batch of up to 4, float32 or bfloat16 with weights of its dtype and no autocast, takes one call of our CPU
+        kernels instead (float32 arithmetic, rounded once; at T's third stage, float32, batch 1: 32 against 52 us;
+        at batch 16 the matrix multiplies are faster)."""
         down, up = self.down, self.up
         if (_may_overwrite() and type(self.nonlinear) is nn.ReLU and down.bias is not None and up.bias is not None
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in (down, up, self.nonlinear))):
-            if (x.dtype == torch.float32 and x.device.type == "cpu" and 0 < x.shape[0] <= 4 and x.numel() > 0
+            if (x.dtype in _ONE_CALL_DTYPES and x.device.type == "cpu" and 0 < x.shape[0] <= 4 and x.numel() > 0
                     and down.out_channels > 0 and not torch.is_autocast_enabled("cpu")
                     and cpu_kernels_unavailable() is None
-                    and all(p.dtype == torch.float32 for p in (down.weight, down.bias, up.weight, up.bias))):
+                    and all(p.dtype == x.dtype for p in (down.weight, down.bias, up.weight, up.bias))):
                 return se_scale(x, down.weight, down.bias, up.weight, up.bias)  # one call of our CPU kernels
             batch, channels = x.shape[:2]
             sums = x.sum(dim=(2, 3))

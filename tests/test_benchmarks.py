@@ -77,6 +77,17 @@ def test_forward_flops_count_every_convolution_and_linear_whatever_runs_them():
 
 
 @pytest.mark.slow
+def test_levers_benchmark_times_every_way(tmp_path):
+    report = tmp_path / "levers.md"
+    run_benchmark("levers", "--models", "unireplknet_a", "--batch-sizes", "2", "--image-size", "64", "--rounds", "2",
+                  "--warmup", "1", "--output", str(report))
+    row = next(line for line in report.read_text().splitlines() if line.startswith("| unireplknet_a | float32 | 2 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 11 and all(float(cell) > 0 for cell in cells[4:8])
+    assert all(float(cell.rstrip("x")) > 0 for cell in cells[8:])
+
+
+@pytest.mark.slow
 def test_backbone_benchmark_quick_run(tmp_path):
     report = tmp_path / "backbone.md"
     run_benchmark("backbone", "--quick", "--models", "unireplknet_a", "convnextv2_atto", "--output", str(report))

@@ -141,8 +141,28 @@ def test_one_call_grn_factor_matches_float64(shape):
     assert grn.gamma.grad is not None
 
 
+def test_one_call_factors_of_bfloat16_maps_are_float32_sums_rounded_once():
+    x = torch.randn(2, 9, 7, 40).to(torch.bfloat16)
+    grn = GRNwithNHWC(40, use_bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        ours = grn.scale(x)
+    g = torch.linalg.vector_norm(x.double(), dim=(1, 2), keepdim=True)
+    reference = grn.gamma.double() * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)) + 1
+    assert ours.dtype == torch.bfloat16 and relative_error(ours.double(), reference) < 2 ** -8  # one rounding
+    se = SEBlock(40, 10).to(torch.bfloat16)
+    nchw = x.permute(0, 3, 1, 2)  # channels-last memory
+    with torch.no_grad():
+        factor = se.scale(nchw)
+    pooled = nchw.double().mean(dim=(2, 3))
+    hidden = torch.relu(pooled @ se.down.weight.double().flatten(1).t() + se.down.bias.double())
+    expected = torch.sigmoid(hidden @ se.up.weight.double().flatten(1).t() + se.up.bias.double())
+    assert factor.dtype == torch.bfloat16 and factor.shape == (2, 40, 1, 1)
+    assert relative_error(factor.double().flatten(1), expected) < 2 ** -8
+
+
 def test_one_call_grn_factor_refuses_what_it_cannot_compute():
-    with pytest.raises(RuntimeError, match="float32 CPU map"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 CPU map"):
         cpu_depthwise.grn_scale(torch.randn(2, 3, 3, 4, dtype=torch.float64), torch.zeros(4))
     with pytest.raises(RuntimeError, match="one value per channel"):
         cpu_depthwise.grn_scale(torch.randn(2, 3, 3, 4), torch.zeros(5))
@@ -170,7 +190,7 @@ def test_se_at_inference_matches_its_convolutions_and_respects_hooks(batch, one_
 
 def test_one_call_se_factor_refuses_what_it_cannot_compute():
     weights = (torch.zeros(2, 8, 1, 1), torch.zeros(2), torch.zeros(8, 2, 1, 1), torch.zeros(8))
-    with pytest.raises(RuntimeError, match="float32 CPU map"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 CPU map"):
         cpu_depthwise.se_scale(torch.randn(1, 8, 3, 3, dtype=torch.float64), *weights)
     with pytest.raises(RuntimeError, match="weights"):
         cpu_depthwise.se_scale(torch.randn(1, 9, 3, 3), *weights)
@@ -193,3 +213,24 @@ def test_fast_inference_with_kept_weights_matches_the_reference_and_follows_relo
     with torch.inference_mode():
         assert relative_error(fast(x), expected_other) < FLOAT32_TOLERANCE
     pickle.loads(pickle.dumps(fast))  # nothing unpicklable was stored on the model
+
+
+@needs_onednn
+def test_keeping_weights_can_be_turned_off_and_on():
+    conv = prepacked.PrepackedConv2d(4, 8, kernel_size=3, stride=2, padding=1).eval()
+    linear = torch.nn.Linear(4, 8)
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        expected = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+        conv(x)
+        assert conv.weight in prepacked._KEPT
+        assert prepacked.keep_weights(False) is True and not prepacked.keeping_weights()
+        try:
+            assert conv.weight not in prepacked._KEPT, "turning it off forgets the kept copies"
+            assert relative_error(conv(x), expected) < FLOAT32_TOLERANCE
+            assert prepacked.linear_weight(linear.weight, 3) is linear.weight  # the plain weight, nothing kept
+            assert conv.weight not in prepacked._KEPT and linear.weight not in prepacked._KEPT
+        finally:
+            assert prepacked.keep_weights(True) is False
+        conv(x)
+        assert conv.weight in prepacked._KEPT

@@ -196,16 +196,17 @@ class _SpatialSquareSum(torch.autograd.Function):
 
 def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """GRN's channel factor ``gamma * G / (mean_C G + 1e-6) + 1`` with ``G = ||x||_2`` over (H, W), ``(B, 1, 1, C)``,
-    of a float32 CPU map ``(B, H, W, C)`` and a float32 ``gamma`` of ``C`` values, in one call; not differentiable
-    (inference)."""
+    of a float32 or bfloat16 CPU map ``(B, H, W, C)`` and a ``gamma`` of ``C`` values, in one call (float32
+    arithmetic; the result in ``x``'s and ``gamma``'s promoted dtype); not differentiable (inference)."""
     return extension().grn_scale(x, gamma)
 
 
 def se_scale(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor,
              up_bias: torch.Tensor) -> torch.Tensor:
     """Squeeze-and-excitation's channel factor ``sigmoid(up(relu(down(mean_HW x))))``, ``(B, C, 1, 1)``, of a
-    float32 CPU map ``(B, C, H, W)`` (channels-last memory avoids a copy) with 1x1-convolution weights ``(R, C, 1, 1)``
-    and ``(C, R, 1, 1)`` (or the same as matrices), in one call; not differentiable (inference)."""
+    float32 or bfloat16 CPU map ``(B, C, H, W)`` (channels-last memory avoids a copy) with 1x1-convolution weights
+    ``(R, C, 1, 1)`` and ``(C, R, 1, 1)`` (or the same as matrices), in one call (float32 arithmetic, rounded once to
+    the map's and weights' promoted dtype); not differentiable (inference)."""
     return extension().se_scale(x, down_weight, down_bias, up_weight, up_bias)
 
 

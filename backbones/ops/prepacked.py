@@ -11,11 +11,13 @@ the model, not in it: ``state_dict``, ``deepcopy`` and pickling never see them, 
 They cost one more copy of the weights per kept shape.
 
 Used only where no autograd graph is recorded (a kept weight would not see the gradient), and only for float32, or
-bfloat16 where the CPU has it natively.
+bfloat16 where the CPU has it natively. :func:`keep_weights` turns it off for the process (or
+``UNIPERCEPTION_KEEP_WEIGHTS=0`` in the environment), to save the copies' memory.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional
 
@@ -23,10 +25,14 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["KEPT_SHAPES", "PrepackedConv2d", "clear", "conv2d", "linear_weight"]
+__all__ = ["KEEP_WEIGHTS_ENV", "KEPT_SHAPES", "PrepackedConv2d", "clear", "conv2d", "keep_weights", "keeping_weights",
+           "linear_weight"]
 
 #: how many call shapes a weight keeps a reordered copy for (least recently used go first)
 KEPT_SHAPES = 2
+#: ``0`` here turns keeping reordered weights off from the start
+KEEP_WEIGHTS_ENV = "UNIPERCEPTION_KEEP_WEIGHTS"
+_ENABLED = os.environ.get(KEEP_WEIGHTS_ENV, "1").strip() != "0"
 
 _KEPT = WeakIdKeyDictionary()  # weight -> OrderedDict(shape key -> (stamp, reordered copy))
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -35,6 +41,22 @@ _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, 
 def clear() -> None:
     """Forget every kept copy (they are rebuilt on the next call)."""
     _KEPT.clear()
+
+
+def keeping_weights() -> bool:
+    """Whether inference keeps reordered weights between calls (on unless turned off)."""
+    return _ENABLED
+
+
+def keep_weights(enable: bool = True) -> bool:
+    """Turn keeping reordered weights between inference calls on or off for the whole process, and return the
+    previous setting. Off, every call hands oneDNN the plain weight (slower at small batches, no copies kept);
+    turning it off forgets the copies kept so far."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enable)
+    if not _ENABLED:
+        clear()
+    return previous
 
 
 def _stamp(weight: torch.Tensor):
@@ -64,7 +86,7 @@ def linear_weight(weight: torch.Tensor, rows: int, dtype: Optional[torch.dtype] 
     """``weight`` (out, in) in ``dtype`` (default its own), reordered by oneDNN for a multiply of ``rows`` rows, for
     ``torch.ops.mkldnn._linear_pointwise``; the plain weight where oneDNN's reordering is not in this build."""
     dtype = weight.dtype if dtype is None else dtype
-    if not _AVAILABLE or weight.is_inference():  # made in inference mode: no version counter says when it changes
+    if not (_AVAILABLE and _ENABLED) or weight.is_inference():  # (inference mode: no version counter to watch)
         return weight.to(dtype)
     return _kept(weight, ("linear", dtype, int(rows)),
                  lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), int(rows)))
@@ -74,7 +96,7 @@ def _conv_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     from ..runtime import fast_ops_enabled, native_bfloat16
     from .depthwise import _tracing
 
-    if not (_AVAILABLE and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()):
+    if not (_AVAILABLE and _ENABLED and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or conv.weight.dtype != x.dtype or conv.weight.is_inference():
         return False

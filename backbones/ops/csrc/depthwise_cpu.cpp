@@ -281,14 +281,14 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
 constexpr int kSumVectors = 4;
 constexpr int64_t kSumRun = 64;
 
-template <bool Square>
-void spatial_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C) {
+template <bool Square, typename T>
+void spatial_sum_impl(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
   const int64_t span = kSumVectors * kLanes;
   const int64_t groups = (C + span - 1) / span;
   at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / groups, c0 = (task % groups) * span;
-      const float* base = x + b * P * C;
+      const T* base = x + b * P * C;
       float* dst = out + b * C;
       if (c0 + span <= C) {
         vec total[kSumVectors] = {};
@@ -296,10 +296,10 @@ void spatial_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t 
           vec run[kSumVectors] = {};
           const int64_t p1 = std::min(P, p0 + kSumRun);
           for (int64_t p = p0; p < p1; ++p) {
-            const float* px = base + p * C + c0;
+            const T* px = base + p * C + c0;
 #pragma GCC unroll 4
             for (int v = 0; v < kSumVectors; ++v) {
-              const vec a = load(px + v * kLanes);
+              const vec a = load_float(px + v * kLanes);
               run[v] += Square ? a * a : a;
             }
           }
@@ -313,7 +313,7 @@ void spatial_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t 
           for (int64_t p0 = 0; p0 < P; p0 += kSumRun) {
             float run = 0.f;
             for (int64_t p = p0; p < std::min(P, p0 + kSumRun); ++p) {
-              const float a = base[p * C + c];
+              const float a = to_float(base[p * C + c]);
               run += Square ? a * a : a;
             }
             total += run;
@@ -343,24 +343,37 @@ torch::Tensor spatial_square_sum(torch::Tensor x) {
   return out;
 }
 
-// GRN's per-sample channel factor (B, 1, 1, C) of a float32 map x (B, H, W, C): with g = sqrt(sum over H and W of
+// the sums over the P pixels of x (B, P, C), float32 or bfloat16, squared or not, into out (B, C) float32
+template <bool Square>
+void spatial_sum(const torch::Tensor& x, float* out, int64_t B, int64_t P, int64_t C) {
+  if (x.scalar_type() == torch::kBFloat16)
+    spatial_sum_impl<Square>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), out, B, P, C);
+  else
+    spatial_sum_impl<Square>(x.data_ptr<float>(), out, B, P, C);
+}
+
+bool float_or_bfloat16(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
+}
+
+// GRN's per-sample channel factor (B, 1, 1, C) of a float32 or bfloat16 map x (B, H, W, C) (float32 arithmetic): with g = sqrt(sum over H and W of
 // x squared), gamma * g / (mean over C of g + 1e-6) + 1, the sum of squares in one pass (square_sum_impl) and the
 // rest on the (B, C) sums, one call in place of a dozen small ones (at batch 1 their dispatch costs more than their
 // arithmetic). The channel mean is summed in double.
 torch::Tensor grn_scale(torch::Tensor x, torch::Tensor gamma) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
-              "grn_scale: a float32 CPU map (B, H, W, C) expected");
-  TORCH_CHECK(gamma.scalar_type() == torch::kFloat32 && gamma.numel() == x.size(3),
-              "grn_scale: a float32 gamma with one value per channel expected");
+  TORCH_CHECK(x.device().is_cpu() && float_or_bfloat16(x) && x.dim() == 4,
+              "grn_scale: a float32 or bfloat16 CPU map (B, H, W, C) expected");
+  TORCH_CHECK(float_or_bfloat16(gamma) && gamma.numel() == x.size(3),
+              "grn_scale: a float32 or bfloat16 gamma with one value per channel expected");
   auto xc = x.contiguous();
-  auto gc = gamma.detach().contiguous();
+  auto gc = gamma.detach().to(torch::kFloat32).contiguous();
   const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
-  auto out = torch::empty({B, 1, 1, C}, x.options());
+  auto out = torch::empty({B, 1, 1, C}, x.options().dtype(torch::kFloat32));
   {
     pybind11::gil_scoped_release release;
     float* s = out.data_ptr<float>();
     const float* g = gc.data_ptr<float>();
-    square_sum_impl(xc.data_ptr<float>(), s, B, P, C);
+    spatial_sum<true>(xc, s, B, P, C);
     for (int64_t b = 0; b < B; ++b) {
       float* row = s + b * C;
       double total = 0.0;
@@ -372,7 +385,8 @@ torch::Tensor grn_scale(torch::Tensor x, torch::Tensor gamma) {
       for (int64_t c = 0; c < C; ++c) row[c] = g[c] * (row[c] / denominator) + 1.f;
     }
   }
-  return out;
+  // in the dtype gamma * N + 1 has in PyTorch's type promotion
+  return out.to(at::promote_types(x.scalar_type(), gamma.scalar_type()));
 }
 
 // sum_i a[i] * b[i] over n floats, 16 lanes at a time
@@ -386,27 +400,28 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// Squeeze-and-excitation's channel factor (B, C, 1, 1) of a float32 map x (B, C, H, W) laid out channels-last:
+// Squeeze-and-excitation's channel factor (B, C, 1, 1) of a float32 or bfloat16 map x (B, C, H, W), best laid out
+// channels-last (float32 arithmetic, one rounding at the end):
 // sigmoid(W_up relu(W_down mean_HW(x) + b_down) + b_up), with W_down (R, C) and W_up (C, R). One call where PyTorch
 // runs six small ops (a mean, two matrix-vector products, ReLU, sigmoid); at batch 1 their dispatch costs more than
 // their arithmetic.
 torch::Tensor se_scale(torch::Tensor x, torch::Tensor w_down, torch::Tensor b_down, torch::Tensor w_up,
                        torch::Tensor b_up) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
-              "se_scale: a float32 CPU map (B, C, H, W) expected");
+  TORCH_CHECK(x.device().is_cpu() && float_or_bfloat16(x) && x.dim() == 4,
+              "se_scale: a float32 or bfloat16 CPU map (B, C, H, W) expected");
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), R = w_down.size(0);
   for (const auto& t : {w_down, b_down, w_up, b_up})
-    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), "se_scale: float32 CPU weights expected");
+    TORCH_CHECK(float_or_bfloat16(t) && t.device().is_cpu(), "se_scale: float32 or bfloat16 CPU weights expected");
   TORCH_CHECK(w_down.numel() == R * C && b_down.numel() == R && w_up.numel() == C * R && b_up.numel() == C,
               "se_scale: weights (R, C), (R), (C, R), (C) expected for a map of C channels");
   auto xl = x.permute({0, 2, 3, 1}).contiguous();
-  auto wd = w_down.detach().contiguous(), bd = b_down.detach().contiguous();
-  auto wu = w_up.detach().contiguous(), bu = b_up.detach().contiguous();
-  auto out = torch::empty({B, C, 1, 1}, x.options());
+  auto wd = w_down.detach().to(torch::kFloat32).contiguous(), bd = b_down.detach().to(torch::kFloat32).contiguous();
+  auto wu = w_up.detach().to(torch::kFloat32).contiguous(), bu = b_up.detach().to(torch::kFloat32).contiguous();
+  auto out = torch::empty({B, C, 1, 1}, x.options().dtype(torch::kFloat32));
   {
     pybind11::gil_scoped_release release;
     float* o = out.data_ptr<float>();
-    spatial_sum_impl<false>(xl.data_ptr<float>(), o, B, P, C);
+    spatial_sum<false>(xl, o, B, P, C);
     const float* pd = wd.data_ptr<float>();
     const float* pbd = bd.data_ptr<float>();
     const float* pu = wu.data_ptr<float>();
@@ -422,7 +437,8 @@ torch::Tensor se_scale(torch::Tensor x, torch::Tensor w_down, torch::Tensor b_do
       }
     });
   }
-  return out;
+  // in the dtype of the 1x1 convolutions' outputs (float32 arithmetic, one rounding)
+  return out.to(at::promote_types(x.scalar_type(), w_up.scalar_type()));
 }
 
 // x (B, C, H, W) in float32 or bfloat16 on the CPU, an odd kernel size K, dilation >= 1

@@ -1,0 +1,143 @@
+"""Each inference lever of UniRepLKNet's fast CPU path switched off in turn, timed side by side with all of them on.
+
+The model is what ``backbones.optimize_for_inference`` makes (deploy form, channels-last, kept freed memory; float32
+and, with ``--bf16`` on a CPU with native bfloat16, wholly in bfloat16). In every round each way runs once, in strict
+alternation, so a shared machine's drift hits all ways alike; ratios are medians of per-round ratios. Ways:
+
+* ``all``: everything on;
+* ``no kept weights``: ``backbones.ops.prepacked.keep_weights(False)``: oneDNN gets the plain Linear and
+  downsampling weights on every call and reorders them itself;
+* ``torch depthwise``: ``use_backend("torch")``: PyTorch's convolution for every depthwise layer, not the measured
+  policy (which picks our CPU kernels where they win);
+* ``plain``: ``reference_ops()``: PyTorch's straightforward ops and convolution for the same deploy-form model.
+
+"all over X" above 1 means the lever X turns off pays. Run from the repository root, on an idle machine::
+
+    python benchmarks/levers.py --bf16 --output benchmarks/results/levers_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+try:
+    import backbones  # noqa: F401  (registers unireplknet_* with timm)
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import backbones  # noqa: F401
+import timm
+
+from backbones.ops import prepacked, use_backend
+from backbones.runtime import native_bfloat16, optimize_for_inference, reference_ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dwconv import machine_line  # noqa: E402
+
+WAYS = ("all", "no kept weights", "torch depthwise", "plain")
+
+
+def run_way(way: str, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Seconds for one forward of ``model`` on ``x`` with ``way``'s lever off."""
+    previous = prepacked.keep_weights(way != "no kept weights")
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            if way == "torch depthwise":
+                with use_backend("torch"):
+                    model(x)
+            elif way == "plain":
+                with reference_ops():
+                    model(x)
+            else:
+                model(x)
+            return time.perf_counter() - start
+    finally:
+        prepacked.keep_weights(previous)
+
+
+def paired(model: torch.nn.Module, x: torch.Tensor, rounds: int, warmup: int) -> Dict[str, List[float]]:
+    times: Dict[str, List[float]] = {way: [] for way in WAYS}
+    for index in range(warmup + rounds):
+        for way in WAYS:
+            seconds = run_way(way, model, x)
+            if index >= warmup:
+                times[way].append(seconds)
+    return times
+
+
+def table(args, progress: Callable[[str], None]) -> List[str]:
+    header = ["model", "dtype", "batch", "rounds", "all img/s"] + [f"{w} img/s" for w in WAYS[1:]] + [
+        f"all over {w}" for w in WAYS[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
+    for name in args.models:
+        for dtype in dtypes:
+            if dtype == torch.bfloat16 and not native_bfloat16():
+                progress(f"{name}: no native bfloat16 on this CPU, skipped")
+                continue
+            torch.manual_seed(0)
+            model = optimize_for_inference(timm.create_model(name, pretrained=False),
+                                           dtype=None if dtype == torch.float32 else dtype)
+            for batch in args.batch_sizes:
+                x = torch.randn(batch, 3, args.image_size, args.image_size)
+                times = paired(model, x, args.rounds, args.warmup)
+                speed = {w: batch / statistics.median(t) for w, t in times.items()}
+                ratios = [statistics.median([o / a for a, o in zip(times["all"], times[w])]) for w in WAYS[1:]]
+                row = [name, str(dtype).replace("torch.", ""), str(batch), str(args.rounds), f"{speed['all']:.1f}"]
+                row += [f"{speed[w]:.1f}" for w in WAYS[1:]] + [f"{r:.2f}x" for r in ratios]
+                lines.append("| " + " | ".join(row) + " |")
+                progress(lines[-1])
+    return lines
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["unireplknet_a", "unireplknet_t"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="also the model wholly in bfloat16 (native CPUs only)")
+    parser.add_argument("--output", type=Path, default=None, help="write the Markdown report here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    begin = time.perf_counter()
+    lines = table(args, lambda line: print(line, flush=True))
+    command = "python benchmarks/levers.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report = [
+        "## Inference levers, each switched off in turn",
+        "",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {machine_line(torch.device('cpu'))}",
+        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+        f"- Command: `{command.strip()}`",
+        f"- {args.image_size} px; {args.warmup} warm-up rounds, then {args.rounds} rounds of every way in alternation;"
+        " ratios are medians of per-round ratios",
+        "",
+        *lines,
+        "",
+        f"Total benchmark time: {time.perf_counter() - begin:.0f} s",
+    ]
+    text = "\n".join(report) + "\n"
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
