@@ -6,7 +6,8 @@ alternation, so a shared machine's drift hits all ways alike; ratios are medians
 
 * ``all``: everything on;
 * ``no kept weights``: ``backbones.ops.prepacked.keep_weights(False)``: oneDNN gets the plain Linear and
-  downsampling weights on every call and reorders them itself;
+  downsampling weights on every call and reorders them itself (turning it off forgets the kept copies, so an
+  untimed call after this way makes them again);
 * ``torch depthwise``: ``use_backend("torch")``: PyTorch's convolution for every depthwise layer, not the measured
   policy (which picks our CPU kernels where they win);
 * ``plain``: ``reference_ops()``: PyTorch's straightforward ops and convolution for the same deploy-form model.
@@ -72,6 +73,8 @@ def paired(model: torch.nn.Module, x: torch.Tensor, rounds: int, warmup: int) ->
             seconds = run_way(way, model, x)
             if index >= warmup:
                 times[way].append(seconds)
+            if way == "no kept weights":  # turning keeping off forgot the copies: remake them, untimed
+                run_way("all", model, x)
     return times
 
 
