@@ -556,9 +556,9 @@ class UniRepLKNetBlock(nn.Module):
         factor into ``Linear1``'s weights as well (a batched matmul, then GELU apart) took 31 against 22 ms for SE on
         the map and the fused ``Linear1+GELU``, so SE is not folded; running the whole FFN one image at a time (so
         one image's expanded map stays in the caches) measured the same as the batched calls, end to end (0.99x at
-        batch 16). Under bfloat16 autocast the weights are cast to
-        bfloat16 here (autocast would cast them for its Linears too) and GRN's factor as well, so the expanded map
-        stays in bfloat16 (the module path promotes it to float32 against GRN's float32 gamma)."""
+        batch 16). Under bfloat16 autocast the weights are cast to bfloat16 here (autocast would cast them for its
+        Linears too) and GRN's factor as well, so the expanded map stays in bfloat16 (the module path promotes it to
+        float32 against GRN's float32 gamma)."""
         linear1, linear2, grn = self.pwconv1[1], self.pwconv2[0], self.act[1]
         batch, channels, height, width = y.shape
         dtype = y.dtype

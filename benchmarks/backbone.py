@@ -33,8 +33,8 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
 
 For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
 of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
-image, on PyTorch's own ops (a multiply-add counts as 2 FLOPs; only conv and matmul ops are counted). A second table keeps each model's
-fastest way per batch, and the last lists the CPU speed targets (met or not, with the numbers).
+image, on PyTorch's own ops (a multiply-add counts as 2 FLOPs; only conv and matmul ops are counted). A second table
+keeps each model's fastest way per batch, and the last lists the CPU speed targets (met or not, with the numbers).
 
 Timing: ``--warmup`` untimed iterations (the first compiles), then iterations until both ``--min-time`` seconds and
 ``--min-iters`` iterations are reached; img/s = batch size / median iteration time (``time.perf_counter``).

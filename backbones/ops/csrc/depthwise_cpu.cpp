@@ -356,10 +356,10 @@ bool float_or_bfloat16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
 }
 
-// GRN's per-sample channel factor (B, 1, 1, C) of a float32 or bfloat16 map x (B, H, W, C) (float32 arithmetic): with g = sqrt(sum over H and W of
-// x squared), gamma * g / (mean over C of g + 1e-6) + 1, the sum of squares in one pass (square_sum_impl) and the
-// rest on the (B, C) sums, one call in place of a dozen small ones (at batch 1 their dispatch costs more than their
-// arithmetic). The channel mean is summed in double.
+// GRN's per-sample channel factor (B, 1, 1, C) of a float32 or bfloat16 map x (B, H, W, C), in float32 arithmetic:
+// with g = sqrt(sum over H and W of x squared), gamma * g / (mean over C of g + 1e-6) + 1, the sum of squares in one
+// pass (spatial_sum) and the rest on the (B, C) sums, one call in place of a dozen small ones (at batch 1 their
+// dispatch costs more than their arithmetic). The channel mean is summed in double.
 torch::Tensor grn_scale(torch::Tensor x, torch::Tensor gamma) {
   TORCH_CHECK(x.device().is_cpu() && float_or_bfloat16(x) && x.dim() == 4,
               "grn_scale: a float32 or bfloat16 CPU map (B, H, W, C) expected");
@@ -528,7 +528,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_grad", &weight_grad, "weight gradient (float32) of the depthwise convolution");
   m.def("blocked_weight", &blocked_weight, "a (C, 1, K, K) depthwise weight as the kernels read it");
   m.def("forward_blocked", &forward_blocked, "forward with the weight as blocked_weight gives it");
-  m.def("se_scale", &se_scale, "squeeze-and-excitation's channel factor (B, C, 1, 1) of a float32 channels-last map");
-  m.def("grn_scale", &grn_scale, "GRN's channel factor gamma * N + 1 (B, 1, 1, C) of a (B, H, W, C) float32 map");
+  m.def("se_scale", &se_scale, "squeeze-and-excitation's channel factor (B, C, 1, 1), float32 or bfloat16 maps");
+  m.def("grn_scale", &grn_scale, "GRN's channel factor gamma * N + 1 (B, 1, 1, C) of a (B, H, W, C) map");
   m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
 }
