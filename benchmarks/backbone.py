@@ -123,14 +123,21 @@ def cpu_features() -> str:
     return ", ".join(present) if present else "no AVX2"
 
 
+def matmul_step(size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+    """One ``size x size`` ``torch.mm`` of random ``dtype`` matrices into a kept output (2 * size^3 FLOPs a call)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty_like(a)
+    return lambda: torch.mm(a, b, out=out)
+
+
 def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """Best-of-``repeats`` ``torch.mm`` rate in GFLOP/s (2 * size^3 FLOPs per product) in ``dtype``."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    out = torch.mm(a, b)
+    step = matmul_step(size, dtype)
+    step()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        step()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / 1e9 / best
 
@@ -430,9 +437,7 @@ def paired_child(batch: int, image_size: int, keep: bool) -> None:
 
     def build(name: str, way: str) -> Callable[[], None]:
         if name == "matmul":  # the machine's matrix-multiply rate, in the same rounds
-            a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=getattr(torch, way)) for _ in range(2))
-            out = torch.empty_like(a)
-            return lambda: torch.mm(a, b, out=out)
+            return matmul_step(MATMUL_SIZE, getattr(torch, way))
         if way.startswith("train:"):  # a training step of the train form (AdamW, cross-entropy)
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False)

@@ -107,10 +107,10 @@ def test_depthwise_blocked_weight_is_kept_at_inference_and_follows_changes():
 
     with torch.no_grad():
         assert relative_error(layer(x), expected()) < FLOAT32_TOLERANCE
-        kept = cpu_depthwise._BLOCKED[layer.weight][1]
+        kept = cpu_depthwise._BLOCKED[layer.weight]["blocked"][1]
         assert kept.shape == (2, 5, 5, 16) and kept[1, :, :, 4:].abs().max() == 0  # zeros past channel 20
         layer(x)
-        assert cpu_depthwise._BLOCKED[layer.weight][1] is kept
+        assert cpu_depthwise._BLOCKED[layer.weight]["blocked"][1] is kept
         layer.weight[3].fill_(0.5)
         assert relative_error(layer(x), expected()) < FLOAT32_TOLERANCE
     # training computes the blocked weight afresh each call (the weight changes every step)

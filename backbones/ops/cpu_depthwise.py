@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .prepacked import kept_copy
+
 __all__ = [
     "cpu_direct_depthwise_conv2d", "extension", "grn_scale", "se_scale", "spatial_square_sum", "unavailable_reason",
     "SOURCE",
@@ -124,7 +126,7 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-# a weight -> (its version counter, storage, dtype and shape; its blocked copy), for weights that do not change
+# a weight -> its blocked copy (under the key "blocked"), for weights that do not change (see prepacked.kept_copy)
 _BLOCKED = WeakIdKeyDictionary()
 
 
@@ -135,13 +137,7 @@ def _blocked(ext, weight: torch.Tensor) -> torch.Tensor:
     trained or one made in inference mode (which has no version counter to tell when it changes)."""
     if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
         return ext.blocked_weight(weight)
-    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
-    kept = _BLOCKED.get(weight)
-    if kept is None or kept[0] != stamp:
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode too
-            kept = (stamp, ext.blocked_weight(weight))
-        _BLOCKED[weight] = kept
-    return kept[1]
+    return kept_copy(weight, "blocked", lambda: ext.blocked_weight(weight), table=_BLOCKED)
 
 
 class _CPUDirectDepthwise(torch.autograd.Function):

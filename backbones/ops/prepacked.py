@@ -25,8 +25,11 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..runtime import fast_ops_enabled, native_bfloat16
+from .depthwise import _tracing
+
 __all__ = ["KEEP_WEIGHTS_ENV", "KEPT_SHAPES", "PrepackedConv2d", "clear", "conv2d", "keep_weights", "keeping_weights",
-           "linear_weight"]
+           "kept_copy", "linear_weight"]
 
 #: how many call shapes a weight keeps a reordered copy for (least recently used go first)
 KEPT_SHAPES = 2
@@ -36,6 +39,8 @@ _ENABLED = os.environ.get(KEEP_WEIGHTS_ENV, "1").strip() != "0"
 
 _KEPT = WeakIdKeyDictionary()  # weight -> OrderedDict(shape key -> (stamp, reordered copy))
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# float32, and bfloat16 where oneDNN computes it natively (elsewhere it is emulated and the module path runs)
+_DTYPES = (torch.float32, torch.bfloat16) if native_bfloat16() else (torch.float32,)
 
 
 def clear() -> None:
@@ -63,10 +68,15 @@ def _stamp(weight: torch.Tensor):
     return weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape)
 
 
-def _kept(weight: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    copies = _KEPT.get(weight)
+def kept_copy(weight: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor],
+              table: WeakIdKeyDictionary = _KEPT) -> torch.Tensor:
+    """``make()``'s copy of ``weight`` for ``key`` (a call shape), kept in ``table`` (weight -> ``OrderedDict`` of
+    key -> (stamp, copy)) and made again when the weight changed since (version counter, storage, dtype, shape); at
+    most :data:`KEPT_SHAPES` keys per weight, the least recently used dropped. Callers leave out weights made in
+    inference mode (no version counter) and weights being trained."""
+    copies = table.get(weight)
     if copies is None:
-        copies = _KEPT[weight] = OrderedDict()
+        copies = table[weight] = OrderedDict()
     stamp = _stamp(weight)
     entry = copies.get(key)
     if entry is not None and entry[0] == stamp:
@@ -88,19 +98,14 @@ def linear_weight(weight: torch.Tensor, rows: int, dtype: Optional[torch.dtype] 
     dtype = weight.dtype if dtype is None else dtype
     if not (_AVAILABLE and _ENABLED) or weight.is_inference():  # (inference mode: no version counter to watch)
         return weight.to(dtype)
-    return _kept(weight, ("linear", dtype, int(rows)),
-                 lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), int(rows)))
+    return kept_copy(weight, ("linear", dtype, int(rows)),
+                     lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), int(rows)))
 
 
 def _conv_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    from ..runtime import fast_ops_enabled, native_bfloat16
-    from .depthwise import _tracing
-
     if not (_AVAILABLE and _ENABLED and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()):
         return False
-    if x.dtype not in (torch.float32, torch.bfloat16) or conv.weight.dtype != x.dtype or conv.weight.is_inference():
-        return False
-    if x.dtype == torch.bfloat16 and not native_bfloat16():
+    if x.dtype not in _DTYPES or conv.weight.dtype != x.dtype or conv.weight.is_inference():
         return False
     if torch.is_autocast_enabled("cpu") or _tracing() or not fast_ops_enabled():
         return False
@@ -121,7 +126,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         weight = conv.weight.detach().contiguous().to_mkldnn()
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight, padding, stride, dilation, conv.groups, shape)
 
-    weight = _kept(conv.weight, ("conv", tuple(shape), x.is_contiguous(memory_format=torch.channels_last)), make)
+    weight = kept_copy(conv.weight, ("conv", tuple(shape), x.is_contiguous(memory_format=torch.channels_last)), make)
     return torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, padding, stride, dilation, conv.groups,
                                                    "none", [], "")
 

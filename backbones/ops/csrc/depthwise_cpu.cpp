@@ -10,7 +10,7 @@
 // the forward pass with the kernel rotated by 180 degrees.
 //
 // The same extension holds what the blocks' fast path runs in one call at inference: GRN's spatial sum of squares
-// (square_sum_impl) and channel factor, and squeeze-and-excitation's channel factor.
+// (spatial_sum) and channel factor, and squeeze-and-excitation's channel factor.
 //
 // Vectors are GCC vector extensions, so the same source compiles to AVX-512, AVX2 or SSE as the machine has.
 
@@ -275,7 +275,8 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
   }
 }
 
-// GRN's norm: s (B, C) = sum over the P pixels of x (B, P, C) squared, in one pass with no temporary map. Each task
+// s (B, C) = sum over the P pixels of x (B, P, C), squared (GRN's norm) or not (SE's pooling), float32 or bfloat16
+// read as float32, in one pass with no temporary map. Each task
 // sums kSumVectors vectors of channels of one image; partial sums over kSumRun pixels are added to the total, so the
 // rounding error grows with P / kSumRun + kSumRun rather than with P.
 constexpr int kSumVectors = 4;
@@ -325,24 +326,6 @@ void spatial_sum_impl(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
   });
 }
 
-void square_sum_impl(const float* x, float* out, int64_t B, int64_t P, int64_t C) {
-  spatial_sum_impl<true>(x, out, B, P, C);
-}
-
-// (B, H, W, C) float32 -> (B, 1, 1, C): the sum over H and W of x squared
-torch::Tensor spatial_square_sum(torch::Tensor x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
-              "spatial_square_sum: a float32 CPU map (B, H, W, C) expected");
-  auto xc = x.contiguous();
-  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
-  auto out = torch::empty({B, 1, 1, C}, x.options());
-  {
-    pybind11::gil_scoped_release release;
-    square_sum_impl(xc.data_ptr<float>(), out.data_ptr<float>(), B, P, C);
-  }
-  return out;
-}
-
 // the sums over the P pixels of x (B, P, C), float32 or bfloat16, squared or not, into out (B, C) float32
 template <bool Square>
 void spatial_sum(const torch::Tensor& x, float* out, int64_t B, int64_t P, int64_t C) {
@@ -354,6 +337,20 @@ void spatial_sum(const torch::Tensor& x, float* out, int64_t B, int64_t P, int64
 
 bool float_or_bfloat16(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
+}
+
+// (B, H, W, C) float32 -> (B, 1, 1, C): the sum over H and W of x squared
+torch::Tensor spatial_square_sum(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4,
+              "spatial_square_sum: a float32 CPU map (B, H, W, C) expected");
+  auto xc = x.contiguous();
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  auto out = torch::empty({B, 1, 1, C}, x.options());
+  {
+    pybind11::gil_scoped_release release;
+    spatial_sum<true>(xc, out.data_ptr<float>(), B, P, C);
+  }
+  return out;
 }
 
 // GRN's per-sample channel factor (B, 1, 1, C) of a float32 or bfloat16 map x (B, H, W, C), in float32 arithmetic:
