@@ -39,3 +39,19 @@ def test_torch_compile_matches_eager():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) <= 1e-5
+
+
+def test_torch_compile_traces_the_deploy_form_in_one_graph():
+    """The fast path's run-time checks (context variables, kept-weight checks) stay out of a traced graph: a graph
+    break per layer made every block its own graph and hit dynamo's recompile limit at a few input shapes."""
+    model = deploy_model()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_a_training_step_of_the_train_form_in_one_graph():
+    model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=10)).train()
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -192,7 +192,10 @@ def _check_name(name: str, origin: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run every depthwise convolution in this context with backend ``name`` (``"auto"`` for the policy)."""
+    """Run every depthwise convolution in this context with backend ``name`` (``"auto"`` for the policy).
+
+    Inside ``torch.compile`` the choice is read when the graph is traced, and only PyTorch's own backends run there;
+    a compiled model keeps the choice it was traced with."""
     token = _FORCED.set(_check_name(name, "use_backend"))
     try:
         yield
@@ -254,11 +257,17 @@ def _decide(name: Optional[str], origin: str, x: torch.Tensor, weight: torch.Ten
     return name
 
 
+@torch.compiler.assume_constant_result
+def _forced_backend() -> Optional[str]:
+    """:func:`use_backend`'s choice, read once under ``torch.compile`` (a context-variable read splits a graph)."""
+    return _FORCED.get()
+
+
 def select_backend(x: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> str:
     """The backend :func:`depthwise_conv2d` would run for this call (after fallbacks)."""
     name, origin = backend, "argument"
     if name is None:
-        name, origin = _FORCED.get(), "use_backend"
+        name, origin = _forced_backend(), "use_backend"
     if name is None:
         name, origin = os.environ.get(BACKEND_ENV) or None, BACKEND_ENV
     if _tracing():

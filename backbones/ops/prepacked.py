@@ -103,11 +103,13 @@ def linear_weight(weight: torch.Tensor, rows: int, dtype: Optional[torch.dtype] 
 
 
 def _conv_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    if _tracing():  # first: a traced graph takes the module's own forward (is_inference() would split the graph)
+        return False
     if not (_AVAILABLE and _ENABLED and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()):
         return False
     if x.dtype not in _DTYPES or conv.weight.dtype != x.dtype or conv.weight.is_inference():
         return False
-    if torch.is_autocast_enabled("cpu") or _tracing() or not fast_ops_enabled():
+    if torch.is_autocast_enabled("cpu") or not fast_ops_enabled():
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
