@@ -87,6 +87,56 @@ def test_levers_benchmark_times_every_way(tmp_path):
     assert all(float(cell.rstrip("x")) > 0 for cell in cells[8:])
 
 
+def test_ceiling_counts_the_flops_of_every_matrix_multiply_and_depthwise_convolution():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ceiling import parts_of
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import timm
+
+    model = timm.create_model("unireplknet_a", num_classes=10).eval().reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    parts = parts_of(model, x)
+    assert [p.name for p in parts] == ["stem", "stage 0", "downsample 1", "stage 1", "downsample 2", "stage 2",
+                                       "downsample 3", "stage 3"]
+    expected = {"gemm": 0, "depthwise": 0}
+    se_convs = {m for block in model.modules() if hasattr(block, "se") for m in block.se.modules()}
+
+    def count(module, args, out):  # an independent count from the layers' own shapes, on the module path
+        if isinstance(module, torch.nn.Linear):
+            expected["gemm"] += 2 * out.numel() * module.in_features
+        elif module.groups == 1:
+            expected["gemm"] += 2 * out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            expected["depthwise"] += 2 * out.numel() * module.kernel_size[0] * module.kernel_size[1]
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+              and m is not model.head and m not in se_convs]  # SE and the classifier are not the parts' GEMMs
+    handles = [m.register_forward_hook(count) for m in layers]
+    with torch.no_grad(), reference_ops():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    assert sum(p.gemm_gflop for p in parts) == pytest.approx(expected["gemm"] / 1e9, rel=1e-9)
+    assert sum(p.depthwise_gflop for p in parts) == pytest.approx(expected["depthwise"] / 1e9, rel=1e-9)
+    assert all(len(p.gemms) == len(p.gemms_gelu) for p in parts)
+    assert len(parts[5].gemms) == 2 * len(model.stages[2]) and len(parts[0].gemms) == 2  # two Linears a block
+
+
+@pytest.mark.slow
+def test_ceiling_benchmark_splits_the_time_and_states_the_ceilings(tmp_path):
+    report = tmp_path / "ceiling.md"
+    run_benchmark("ceiling", "--models", "unireplknet_a", "--batch-sizes", "2", "--image-size", "64", "--rounds",
+                  "2", "--warmup", "1", "--output", str(report))
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| unireplknet_a | float32 | 2 |")]
+    assert len(rows) == 10 and "**whole model**" in rows[-1]  # 8 parts, the head, the whole
+    cells = [cell.strip() for cell in rows[-1].strip("|").split("|")]
+    assert float(cells[4]) > 0 and float(cells[7]) > 0 and cells[13].endswith("%")
+    assert "the whole model reaches" in text and "with Linear1's GELU as well" in text
+
+
 @pytest.mark.slow
 def test_backbone_benchmark_quick_run(tmp_path):
     report = tmp_path / "backbone.md"
