@@ -565,26 +565,30 @@ def train_paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     """Training steps (:data:`TRAIN_PAIRED_KEYS`) at ``args.train_batch_size``, timed in strict alternation. Returns
     the table and the target lines (our fastest step at least 1.3x the plain step)."""
     rows, goals = [], []
-    plain = ("default", "ours", "train:plain")
+    plain, compiled = ("default", "ours", "train:plain"), ("default", "ours", "train:compiled")
+    keys = TRAIN_PAIRED_KEYS + ((compiled,) if args.train_compiled else ())
     batch = args.train_batch_size
     for name in [m for m in args.models if m in UNIREPLKNET_MODELS]:
         peer = PEERS[name]
-        times = paired_times(name, batch, args, TRAIN_PAIRED_KEYS)
+        times = paired_times(name, batch, args, keys)
         speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
-        ours = max((k for k in TRAIN_PAIRED_KEYS if k[1] == "ours" and k != plain), key=speed.get)
-        theirs = max((k for k in TRAIN_PAIRED_KEYS if k[1] == "peer"), key=speed.get)
+        ours = max((k for k in keys if k[1] == "ours" and k != plain), key=speed.get)
+        theirs = max((k for k in keys if k[1] == "peer"), key=speed.get)
         ours_way, their_way = (key[2].split(":", 1)[1] for key in (ours, theirs))  # the way without "train:"
         over_plain, over_peer = paired_ratio(times, plain, ours), paired_ratio(times, theirs, ours)
         rows.append([name, str(batch), str(args.paired_rounds), f"{speed[plain]:.1f}",
                      f"{speed['default', 'ours', 'train:eager']:.1f}",
-                     f"{speed['default', 'ours', 'train:eager+cl']:.1f}", ours_way, f"{over_plain:.2f}x", peer,
+                     f"{speed['default', 'ours', 'train:eager+cl']:.1f}",
+                     *([f"{speed[compiled]:.1f}"] if compiled in speed else []), ours_way, f"{over_plain:.2f}x", peer,
                      their_way, f"{speed[theirs]:.1f}", f"{over_peer:.2f}x"])
         print(f"  {name:<16} training, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
         goals.append(f"{'met' if over_plain >= 1.3 else 'UNMET'}: UniRepLKNet-{name[-1].upper()} training step, "
                      f"batch {batch}, paired, fastest ({ours_way}) over plain ({over_plain:.2f}, target >= 1.3)")
-    header = ["model", "batch", "rounds", "plain img/s", "eager img/s", "eager+cl img/s", "fastest", "vs plain",
-              "peer", "peer's fastest", "peer img/s", "vs peer"]
-    return format_table(header, rows, markdown=True, left=(0, 6, 8, 9)), goals
+    header = ["model", "batch", "rounds", "plain img/s", "eager img/s", "eager+cl img/s",
+              *(["compiled img/s"] if args.train_compiled else []), "fastest", "vs plain", "peer", "peer's fastest",
+              "peer img/s", "vs peer"]
+    shift = int(args.train_compiled)
+    return format_table(header, rows, markdown=True, left=(0, 6 + shift, 8 + shift, 9 + shift)), goals
 
 
 def bf16_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
@@ -662,6 +666,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time UniRepLKNet plain, its eager+cl ways and its ConvNeXt V2 peer's fastest ways "
                              "in strict alternation")
     parser.add_argument("--paired-only", action="store_true", help="only the paired check")
+    parser.add_argument("--train-paired-only", action="store_true", help="only the paired training check")
+    parser.add_argument("--train-compiled", action="store_true",
+                        help="the paired training check also times our torch.compile'd training step (inductor; "
+                             "one compilation of forward and backward per model)")
     parser.add_argument("--bf16", action="store_true",
                         help="also time UniRepLKNet and its ConvNeXt V2 peer in bfloat16 (the whole model, and "
                              "autocast) against our float32 eager+cl, in strict alternation")
@@ -714,7 +722,7 @@ def main(argv=None) -> None:
     print("\n".join(facts), flush=True)
 
     results: List[Result] = []
-    only = args.memory_only or args.paired_only or args.bf16_only
+    only = args.memory_only or args.paired_only or args.bf16_only or args.train_paired_only
     for name in [] if only else args.models:
         results.extend(benchmark_model(name, args))
     if args.keep_variants and not only:
@@ -728,7 +736,8 @@ def main(argv=None) -> None:
     results.sort(key=lambda r: (order[r.model], forms[r.form]))  # stable: within a form, phases in order
     set_vs_plain(results)
     paired, paired_goals = paired_table(args) if args.paired or args.paired_only else ("", [])
-    train_paired, train_goals = train_paired_table(args) if args.paired or args.paired_only else ("", [])
+    train_paired, train_goals = (train_paired_table(args) if args.paired or args.paired_only or args.train_paired_only
+                                 else ("", []))
     low, low_goals = bf16_table(args) if bf16 else ("", [])
     memory, memory_goals = memory_table(args) if args.memory or args.memory_only else ("", [])
     goals = targets(results, matmul_rate) + paired_goals + train_goals + low_goals + memory_goals
@@ -740,11 +749,10 @@ def main(argv=None) -> None:
         print(fastest_table(results, matmul_rate, markdown))
     if results:
         print("\n".join(f"* {note}" for note in notes(args)))
-    if paired:
-        print()
-        print(paired)
-        print()
-        print(train_paired)
+    for table in (paired, train_paired):
+        if table:
+            print()
+            print(table)
     if low:
         print()
         print(low)
@@ -768,8 +776,10 @@ def main(argv=None) -> None:
                         "in a keep_freed_memory() worker; all timed in strict alternation; ratios are medians of "
                         "per-round ratios; \"of matmul\" divides by a torch.mm timed in the same rounds, whose median "
                         "rate is the last column):", "", paired]
+        if train_paired:
             section += ["", "Paired training check (train form, AdamW step with cross-entropy: our plain step with "
-                        "PyTorch's ops alone, our eager steps in NCHW and channels-last, the peer's eager steps; all "
+                        "PyTorch's ops alone, our eager steps in NCHW and channels-last"
+                        + (", our torch.compile'd step" if args.train_compiled else "") + ", the peer's eager steps; all "
                         "timed in strict alternation in one default-allocator worker; ratios are medians of "
                         "per-round ratios):", "", train_paired]
         if low:

@@ -10,11 +10,15 @@ alternation, so a shared machine's drift hits all ways alike; ratios are medians
   untimed call after this way makes them again);
 * ``torch depthwise``: ``use_backend("torch")``: PyTorch's convolution for every depthwise layer, not the measured
   policy (which picks our CPU kernels where they win);
-* ``plain``: ``reference_ops()``: PyTorch's straightforward ops and convolution for the same deploy-form model.
+* ``plain``: ``reference_ops()``: PyTorch's straightforward ops and convolution for the same deploy-form model;
+* with ``--compile``, ``compiled``: ``torch.compile`` (inductor) of the same model, what
+  ``optimize_for_inference(compile=True)`` gives (a traced graph takes the blocks' module path, so inductor fuses
+  PyTorch's ops and our kernels do not run; compiled once per batch size, in an untimed warm-up round).
 
 "all over X" above 1 means the lever X turns off pays. Run from the repository root, on an idle machine::
 
     python benchmarks/levers.py --bf16 --output benchmarks/results/levers_cpu.md
+    python benchmarks/levers.py --models unireplknet_t --compile --bf16 --output benchmarks/results/levers_compiled_cpu.md
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ from dwconv import machine_line  # noqa: E402
 WAYS = ("all", "no kept weights", "torch depthwise", "plain")
 
 
-def run_way(way: str, model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one forward of ``model`` on ``x`` with ``way``'s lever off."""
+def run_way(way: str, model: torch.nn.Module, x: torch.Tensor, compiled=None) -> float:
+    """Seconds for one forward of ``model`` on ``x`` with ``way``'s lever off (``compiled``: the compiled model)."""
     previous = prepacked.keep_weights(way != "no kept weights")
     try:
         with torch.inference_mode():
             start = time.perf_counter()
-            if way == "torch depthwise":
+            if way == "compiled":
+                compiled(x)
+            elif way == "torch depthwise":
                 with use_backend("torch"):
                     model(x)
             elif way == "plain":
@@ -66,11 +72,12 @@ def run_way(way: str, model: torch.nn.Module, x: torch.Tensor) -> float:
         prepacked.keep_weights(previous)
 
 
-def paired(model: torch.nn.Module, x: torch.Tensor, rounds: int, warmup: int) -> Dict[str, List[float]]:
-    times: Dict[str, List[float]] = {way: [] for way in WAYS}
+def paired(model: torch.nn.Module, x: torch.Tensor, rounds: int, warmup: int, ways=WAYS,
+           compiled=None) -> Dict[str, List[float]]:
+    times: Dict[str, List[float]] = {way: [] for way in ways}
     for index in range(warmup + rounds):
-        for way in WAYS:
-            seconds = run_way(way, model, x)
+        for way in ways:
+            seconds = run_way(way, model, x, compiled)
             if index >= warmup:
                 times[way].append(seconds)
             if way == "no kept weights":  # turning keeping off forgot the copies: remake them, untimed
@@ -79,8 +86,9 @@ def paired(model: torch.nn.Module, x: torch.Tensor, rounds: int, warmup: int) ->
 
 
 def table(args, progress: Callable[[str], None]) -> List[str]:
-    header = ["model", "dtype", "batch", "rounds", "all img/s"] + [f"{w} img/s" for w in WAYS[1:]] + [
-        f"all over {w}" for w in WAYS[1:]]
+    ways = WAYS + (("compiled",) if args.compile else ())
+    header = ["model", "dtype", "batch", "rounds", "all img/s"] + [f"{w} img/s" for w in ways[1:]] + [
+        f"all over {w}" for w in ways[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
     for name in args.models:
@@ -93,11 +101,12 @@ def table(args, progress: Callable[[str], None]) -> List[str]:
                                            dtype=None if dtype == torch.float32 else dtype)
             for batch in args.batch_sizes:
                 x = torch.randn(batch, 3, args.image_size, args.image_size)
-                times = paired(model, x, args.rounds, args.warmup)
+                compiled = torch.compile(model) if args.compile else None  # one compilation per batch size
+                times = paired(model, x, args.rounds, max(args.warmup, 1 if args.compile else 0), ways, compiled)
                 speed = {w: batch / statistics.median(t) for w, t in times.items()}
-                ratios = [statistics.median([o / a for a, o in zip(times["all"], times[w])]) for w in WAYS[1:]]
+                ratios = [statistics.median([o / a for a, o in zip(times["all"], times[w])]) for w in ways[1:]]
                 row = [name, str(dtype).replace("torch.", ""), str(batch), str(args.rounds), f"{speed['all']:.1f}"]
-                row += [f"{speed[w]:.1f}" for w in WAYS[1:]] + [f"{r:.2f}x" for r in ratios]
+                row += [f"{speed[w]:.1f}" for w in ways[1:]] + [f"{r:.2f}x" for r in ratios]
                 lines.append("| " + " | ".join(row) + " |")
                 progress(lines[-1])
     return lines
@@ -111,6 +120,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also the model wholly in bfloat16 (native CPUs only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile of the same model (inductor; a compilation per batch size)")
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown report here")
     return parser.parse_args(argv)
 
