@@ -10,8 +10,9 @@ and, with ``--bf16`` on a CPU with native bfloat16, wholly in bfloat16). In ever
 * every depthwise convolution again on its own, through the dispatcher the blocks use;
 * a ``2048 x 2048`` ``torch.mm``: the machine's matrix-multiply rate in the same round.
 
-Per part: the time inside the model, its matrix multiplies and depthwise convolutions alone, and the rest (GELU,
-GRN, SE, LayerNorm, layout and allocation: the part's time less the two). FLOPs are counted from the shapes (a
+Per part: the time inside the model, its matrix multiplies alone, what ``Linear1``'s GELU epilogue adds to them,
+its depthwise convolutions alone, and the rest (GRN, SE, LayerNorm, the residual adds, layout and allocation: the
+part's time less the other three). FLOPs are counted from the shapes (a
 multiply-add is 2 FLOPs), as PyTorch's FLOP counter counts the same ops. "Of matmul" is a rate over the ``torch.mm``
 rate of the same round, median over rounds.
 
@@ -26,9 +27,6 @@ on an idle machine::
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -44,15 +42,13 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import backbones  # noqa: F401
-import timm
 
 from backbones.ops import prepacked
-from backbones.runtime import native_bfloat16, optimize_for_inference
 from backbones.unireplknet import UniRepLKNet, UniRepLKNetBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone import MATMUL_SIZE, matmul_step  # noqa: E402
-from dwconv import machine_line  # noqa: E402
+from common import optimized_models, write_report  # noqa: E402
 
 MATMUL_GFLOP = 2 * MATMUL_SIZE**3 / 1e9
 
@@ -195,62 +191,54 @@ def table(args, progress: Callable[[str], None]) -> Tuple[List[str], List[str]]:
               "part of matmul"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
     ceilings = []
-    dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
-    for name in args.models:
-        for dtype in dtypes:
-            if dtype == torch.bfloat16 and not native_bfloat16():
-                progress(f"{name}: no native bfloat16 on this CPU, skipped")
-                continue
-            torch.manual_seed(0)
-            model = optimize_for_inference(timm.create_model(name, pretrained=False),
-                                           dtype=None if dtype == torch.float32 else dtype)
-            for batch in args.batch_sizes:
-                x = torch.randn(batch, 3, args.image_size, args.image_size, dtype=dtype).contiguous(
-                    memory_format=torch.channels_last)
-                parts, times = measure(model, x, dtype, args.rounds, args.warmup)
-                med = {key: statistics.median(value) for key, value in times.items()}
-                label = [name, str(dtype).replace("torch.", ""), str(batch)]
+    for name, dtype, model in optimized_models(args.models, args.bf16, progress):
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, args.image_size, args.image_size, dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            parts, times = measure(model, x, dtype, args.rounds, args.warmup)
+            med = {key: statistics.median(value) for key, value in times.items()}
+            label = [name, str(dtype).replace("torch.", ""), str(batch)]
 
-                def row(part_name, keys, gemm, depthwise, share):
-                    """One table row from the summed medians of ``keys`` (each a part's name)."""
-                    total = sum(med[k] for k in keys)
-                    gemm_alone = sum(med[k + " gemm"] for k in keys)
-                    gelu = statistics.median(sum(times[k + " gemm+gelu"][i] - times[k + " gemm"][i] for k in keys)
-                                             for i in range(len(times["whole"])))
-                    depthwise_alone = sum(med[k + " depthwise"] for k in keys)
-                    rest = total - gemm_alone - gelu - depthwise_alone
+            def row(part_name, keys, gemm, depthwise, share):
+                """One table row from the summed medians of ``keys`` (each a part's name)."""
+                total = sum(med[k] for k in keys)
+                gemm_alone = sum(med[k + " gemm"] for k in keys)
+                gelu = statistics.median(sum(times[k + " gemm+gelu"][i] - times[k + " gemm"][i] for k in keys)
+                                         for i in range(len(times["whole"])))
+                depthwise_alone = sum(med[k + " depthwise"] for k in keys)
+                rest = total - gemm_alone - gelu - depthwise_alone
 
-                    def fraction(which, gflop):
-                        return f"{rate_fraction(times, which, gflop):.0%}" if gflop else "-"
-                    return "| " + " | ".join(label + [
-                        part_name, f"{total * 1e3:.1f}", share, f"{gemm:.2f}", f"{gemm_alone * 1e3:.1f}",
-                        fraction([k + " gemm" for k in keys], gemm), f"{gelu * 1e3:.1f}",
-                        f"{depthwise:.2f}", f"{depthwise_alone * 1e3:.1f}", f"{rest * 1e3:.1f}",
-                        fraction(keys, gemm + depthwise)]) + " |"
+                def fraction(which, gflop):
+                    return f"{rate_fraction(times, which, gflop):.0%}" if gflop else "-"
+                return "| " + " | ".join(label + [
+                    part_name, f"{total * 1e3:.1f}", share, f"{gemm:.2f}", f"{gemm_alone * 1e3:.1f}",
+                    fraction([k + " gemm" for k in keys], gemm), f"{gelu * 1e3:.1f}",
+                    f"{depthwise:.2f}", f"{depthwise_alone * 1e3:.1f}", f"{rest * 1e3:.1f}",
+                    fraction(keys, gemm + depthwise)]) + " |"
 
-                for part in parts:
-                    lines.append(row(part.name, [part.name], part.gemm_gflop, part.depthwise_gflop,
-                                     f"{med[part.name] / med['whole']:.0%}"))
-                gemm = sum(p.gemm_gflop for p in parts)
-                depthwise = sum(p.depthwise_gflop for p in parts)
-                names = [p.name for p in parts]
-                lines.append(row("head", ["head"], 0.0, 0.0, f"{med['head'] / med['whole']:.0%}"))
-                lines.append(row("**whole model**", names + ["head"], gemm, depthwise, "100%"))
-                progress("\n".join(lines[-len(parts) - 2:]))
-                gemm_keys = [k + " gemm" for k in names]
-                gelu_keys = [k + " gemm+gelu" for k in names]
-                depthwise_keys = [k + " depthwise" for k in names]
-                matmul_rate = MATMUL_GFLOP / statistics.median(times["matmul"])
-                ceilings.append(
-                    f"- {name}, {str(dtype).replace('torch.', '')}, batch {batch} ({args.rounds} rounds, matmul "
-                    f"{matmul_rate:.0f} GFLOP/s): the whole model reaches "
-                    f"{rate_fraction(times, ['whole'], gemm + depthwise):.1%} of the matmul rate; its matrix "
-                    f"multiplies alone run at {rate_fraction(times, gemm_keys, gemm):.1%} of it. Were everything else "
-                    f"free, the model would reach {rate_fraction(times, gemm_keys, gemm + depthwise):.1%}; with the "
-                    f"depthwise convolutions timed too, {rate_fraction(times, gemm_keys + depthwise_keys, gemm + depthwise):.1%}; "
-                    f"and with Linear1's GELU as well, "
-                    f"{rate_fraction(times, gelu_keys + depthwise_keys, gemm + depthwise):.1%}.")
-                progress(ceilings[-1])
+            for part in parts:
+                lines.append(row(part.name, [part.name], part.gemm_gflop, part.depthwise_gflop,
+                                 f"{med[part.name] / med['whole']:.0%}"))
+            gemm = sum(p.gemm_gflop for p in parts)
+            depthwise = sum(p.depthwise_gflop for p in parts)
+            names = [p.name for p in parts]
+            lines.append(row("head", ["head"], 0.0, 0.0, f"{med['head'] / med['whole']:.0%}"))
+            lines.append(row("**whole model**", names + ["head"], gemm, depthwise, "100%"))
+            progress("\n".join(lines[-len(parts) - 2:]))
+            gemm_keys = [k + " gemm" for k in names]
+            gelu_keys = [k + " gemm+gelu" for k in names]
+            depthwise_keys = [k + " depthwise" for k in names]
+            matmul_rate = MATMUL_GFLOP / statistics.median(times["matmul"])
+            ceilings.append(
+                f"- {name}, {str(dtype).replace('torch.', '')}, batch {batch} ({args.rounds} rounds, matmul "
+                f"{matmul_rate:.0f} GFLOP/s): the whole model reaches "
+                f"{rate_fraction(times, ['whole'], gemm + depthwise):.1%} of the matmul rate; its matrix "
+                f"multiplies alone run at {rate_fraction(times, gemm_keys, gemm):.1%} of it. Were everything else "
+                f"free, the model would reach {rate_fraction(times, gemm_keys, gemm + depthwise):.1%}; with the "
+                f"depthwise convolutions timed too, {rate_fraction(times, gemm_keys + depthwise_keys, gemm + depthwise):.1%}; "
+                f"and with Linear1's GELU as well, "
+                f"{rate_fraction(times, gelu_keys + depthwise_keys, gemm + depthwise):.1%}.")
+            progress(ceilings[-1])
     return lines, ceilings
 
 
@@ -270,33 +258,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     begin = time.perf_counter()
     lines, ceilings = table(args, lambda line: print(line, flush=True))
-    command = "python benchmarks/ceiling.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report = [
-        "## Where the fast path's time goes: matrix multiplies, depthwise convolutions and the rest",
-        "",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {machine_line(torch.device('cpu'))}",
-        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-        f"- Command: `{command.strip()}`",
-        f"- {args.image_size} px; {args.warmup} warm-up rounds, then {args.rounds} rounds, each: the whole model "
-        f"(parts timed inside it), every matrix multiply and depthwise convolution alone, a {MATMUL_SIZE}x"
-        f"{MATMUL_SIZE} torch.mm; times are medians, fractions medians of per-round fractions",
-        "- GEMM: the blocks' Linears and the stem/downsampling convolutions; rest: the part's time in the model less "
-        "its GEMMs and depthwise convolutions alone (GELU, GRN, SE, LayerNorm, layout, allocation)",
-        "",
-        *lines,
-        "",
-        "Ceilings:",
-        "",
-        *ceilings,
-        "",
-        f"Total benchmark time: {time.perf_counter() - begin:.0f} s",
-    ]
-    text = "\n".join(report) + "\n"
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+    write_report("Where the fast path's time goes: matrix multiplies, depthwise convolutions and the rest",
+                 "ceiling.py", argv, [
+                     f"{args.image_size} px; {args.warmup} warm-up rounds, then {args.rounds} rounds, each: the whole "
+                     f"model (parts timed inside it), every matrix multiply and depthwise convolution alone, a "
+                     f"{MATMUL_SIZE}x{MATMUL_SIZE} torch.mm; times are medians, fractions medians of per-round "
+                     "fractions",
+                     "GEMM: the blocks' Linears and the stem/downsampling convolutions; GELU post-op: what Linear1's "
+                     "GELU epilogue adds to them; rest: the part's time in the model less its GEMMs, their GELU and "
+                     "its depthwise convolutions alone (GRN, SE, LayerNorm, residual adds, layout, allocation)"], [*lines, "", "Ceilings:", "", *ceilings], begin, args.output)
     return 0
 
 

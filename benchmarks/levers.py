@@ -24,9 +24,6 @@ alternation, so a shared machine's drift hits all ways alike; ratios are medians
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -40,13 +37,12 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import backbones  # noqa: F401
-import timm
 
 from backbones.ops import prepacked, use_backend
-from backbones.runtime import native_bfloat16, optimize_for_inference, reference_ops
+from backbones.runtime import reference_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dwconv import machine_line  # noqa: E402
+from common import optimized_models, write_report  # noqa: E402
 
 WAYS = ("all", "no kept weights", "torch depthwise", "plain")
 
@@ -90,25 +86,17 @@ def table(args, progress: Callable[[str], None]) -> List[str]:
     header = ["model", "dtype", "batch", "rounds", "all img/s"] + [f"{w} img/s" for w in ways[1:]] + [
         f"all over {w}" for w in ways[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])
-    for name in args.models:
-        for dtype in dtypes:
-            if dtype == torch.bfloat16 and not native_bfloat16():
-                progress(f"{name}: no native bfloat16 on this CPU, skipped")
-                continue
-            torch.manual_seed(0)
-            model = optimize_for_inference(timm.create_model(name, pretrained=False),
-                                           dtype=None if dtype == torch.float32 else dtype)
-            for batch in args.batch_sizes:
-                x = torch.randn(batch, 3, args.image_size, args.image_size)
-                compiled = torch.compile(model) if args.compile else None  # one compilation per batch size
-                times = paired(model, x, args.rounds, max(args.warmup, 1 if args.compile else 0), ways, compiled)
-                speed = {w: batch / statistics.median(t) for w, t in times.items()}
-                ratios = [statistics.median([o / a for a, o in zip(times["all"], times[w])]) for w in ways[1:]]
-                row = [name, str(dtype).replace("torch.", ""), str(batch), str(args.rounds), f"{speed['all']:.1f}"]
-                row += [f"{speed[w]:.1f}" for w in ways[1:]] + [f"{r:.2f}x" for r in ratios]
-                lines.append("| " + " | ".join(row) + " |")
-                progress(lines[-1])
+    for name, dtype, model in optimized_models(args.models, args.bf16, progress):
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, args.image_size, args.image_size)
+            compiled = torch.compile(model) if args.compile else None  # one compilation per batch size
+            times = paired(model, x, args.rounds, max(args.warmup, 1 if args.compile else 0), ways, compiled)
+            speed = {w: batch / statistics.median(t) for w, t in times.items()}
+            ratios = [statistics.median([o / a for a, o in zip(times["all"], times[w])]) for w in ways[1:]]
+            row = [name, str(dtype).replace("torch.", ""), str(batch), str(args.rounds), f"{speed['all']:.1f}"]
+            row += [f"{speed[w]:.1f}" for w in ways[1:]] + [f"{r:.2f}x" for r in ratios]
+            lines.append("| " + " | ".join(row) + " |")
+            progress(lines[-1])
     return lines
 
 
@@ -130,26 +118,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     begin = time.perf_counter()
     lines = table(args, lambda line: print(line, flush=True))
-    command = "python benchmarks/levers.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report = [
-        "## Inference levers, each switched off in turn",
-        "",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {machine_line(torch.device('cpu'))}",
-        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-        f"- Command: `{command.strip()}`",
-        f"- {args.image_size} px; {args.warmup} warm-up rounds, then {args.rounds} rounds of every way in alternation;"
-        " ratios are medians of per-round ratios",
-        "",
-        *lines,
-        "",
-        f"Total benchmark time: {time.perf_counter() - begin:.0f} s",
-    ]
-    text = "\n".join(report) + "\n"
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+    write_report("Inference levers, each switched off in turn", "levers.py", argv, [
+        f"{args.image_size} px; {args.warmup} warm-up rounds, then {args.rounds} rounds of every way in alternation;"
+        " ratios are medians of per-round ratios"], lines, begin, args.output)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (smoke runs on tiny settings; the numbers are not checked, only the output)."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,15 @@ def run_benchmark(script: str, *arguments: str, timeout: int = 600) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *arguments],
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def benchmark_module(script: str):
+    """``benchmarks/<script>.py`` imported (with its folder on the path while it imports its neighbours)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(script)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.slow
@@ -49,11 +59,7 @@ def test_dwconv_policy_of_one_mode_keeps_the_other_modes_entries(tmp_path):
 
 
 def test_forward_flops_count_every_convolution_and_linear_whatever_runs_them():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from backbone import forward_gflops
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    forward_gflops = benchmark_module("backbone").forward_gflops
     import timm
 
     model = timm.create_model("unireplknet_a", num_classes=10).eval().reparameterize()
@@ -88,11 +94,7 @@ def test_levers_benchmark_times_every_way(tmp_path):
 
 
 def test_ceiling_counts_the_flops_of_every_matrix_multiply_and_depthwise_convolution():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from ceiling import parts_of
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    parts_of = benchmark_module("ceiling").parts_of
     import timm
 
     model = timm.create_model("unireplknet_a", num_classes=10).eval().reparameterize()
