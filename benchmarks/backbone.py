@@ -517,6 +517,16 @@ def paired_matmul_rate(times: dict, matmul_key) -> float:
     return MATMUL_GFLOP / statistics.median(times[matmul_key])
 
 
+def paired_fastest(name: str, batch: int, args: argparse.Namespace, keys, baseline):
+    """Time ``keys`` in alternation (:func:`paired_times`); return the seconds per key, img/s per key, and our
+    fastest key other than ``baseline`` and the peer's fastest key (best median img/s)."""
+    times = paired_times(name, batch, args, keys)
+    speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
+    ours = max((k for k in keys if k[1] == "ours" and k != baseline), key=speed.get)
+    theirs = max((k for k in keys if k[1] == "peer"), key=speed.get)
+    return times, speed, ours, theirs
+
+
 def paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     """UniRepLKNet's plain form, its fastest eager ways and its ConvNeXt V2 peer's fastest ways, timed in strict
     alternation (:func:`paired_times`) so drift of a shared machine hits all alike. "Fastest" and the peer's fastest
@@ -532,10 +542,7 @@ def paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
         peer = PEERS[name]
         gflops = forward_gflops(timm.create_model(name, pretrained=False).eval().reparameterize(), args.image_size)
         for batch in args.batch_sizes:
-            times = paired_times(name, batch, args)
-            speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
-            ours = max((k for k in PAIRED_KEYS if k[1] == "ours" and k != plain), key=speed.get)
-            theirs = max((k for k in PAIRED_KEYS if k[1] == "peer"), key=speed.get)
+            times, speed, ours, theirs = paired_fastest(name, batch, args, PAIRED_KEYS, plain)
             fraction = paired_fraction(times, ours, batch * gflops, ("keep", "matmul", "float32"))
             over_plain, over_peer = paired_ratio(times, plain, ours), paired_ratio(times, theirs, ours)
             rows.append([name, str(batch), str(args.paired_rounds), f"{speed[plain]:.1f}",
@@ -570,10 +577,7 @@ def train_paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
     batch = args.train_batch_size
     for name in [m for m in args.models if m in UNIREPLKNET_MODELS]:
         peer = PEERS[name]
-        times = paired_times(name, batch, args, keys)
-        speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
-        ours = max((k for k in keys if k[1] == "ours" and k != plain), key=speed.get)
-        theirs = max((k for k in keys if k[1] == "peer"), key=speed.get)
+        times, speed, ours, theirs = paired_fastest(name, batch, args, keys, plain)
         ours_way, their_way = (key[2].split(":", 1)[1] for key in (ours, theirs))  # the way without "train:"
         over_plain, over_peer = paired_ratio(times, plain, ours), paired_ratio(times, theirs, ours)
         rows.append([name, str(batch), str(args.paired_rounds), f"{speed[plain]:.1f}",
@@ -601,10 +605,7 @@ def bf16_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
         peer = PEERS[name]
         gflops = forward_gflops(timm.create_model(name, pretrained=False).eval().reparameterize(), args.image_size)
         for batch in args.batch_sizes:
-            times = paired_times(name, batch, args, BF16_PAIRED_KEYS)
-            speed = {key: batch / statistics.median(seconds) for key, seconds in times.items()}
-            ours = max((k for k in BF16_PAIRED_KEYS if k[1] == "ours" and k != fp32), key=speed.get)
-            theirs = max((k for k in BF16_PAIRED_KEYS if k[1] == "peer"), key=speed.get)
+            times, speed, ours, theirs = paired_fastest(name, batch, args, BF16_PAIRED_KEYS, fp32)
             over_fp32 = paired_ratio(times, fp32, ours)
             autocast_over_fp32 = paired_ratio(times, fp32, ("keep", "ours", "autocast+cl"))
             over_peer = paired_ratio(times, theirs, ours)
