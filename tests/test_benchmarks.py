@@ -86,11 +86,13 @@ def test_forward_flops_count_every_convolution_and_linear_whatever_runs_them():
 def test_levers_benchmark_times_every_way(tmp_path):
     report = tmp_path / "levers.md"
     run_benchmark("levers", "--models", "unireplknet_a", "--batch-sizes", "2", "--image-size", "64", "--rounds", "2",
-                  "--warmup", "1", "--output", str(report))
-    row = next(line for line in report.read_text().splitlines() if line.startswith("| unireplknet_a | float32 | 2 |"))
+                  "--warmup", "1", "--compile", "--output", str(report))
+    text = report.read_text()
+    assert "| compiled img/s |" in text and "| all over compiled |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | float32 | 2 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert len(cells) == 11 and all(float(cell) > 0 for cell in cells[4:8])
-    assert all(float(cell.rstrip("x")) > 0 for cell in cells[8:])
+    assert len(cells) == 13 and all(float(cell) > 0 for cell in cells[4:9])  # all, 3 levers off, compiled
+    assert all(float(cell.rstrip("x")) > 0 for cell in cells[9:])
 
 
 def test_ceiling_counts_the_flops_of_every_matrix_multiply_and_depthwise_convolution():
@@ -169,6 +171,21 @@ def test_backbone_benchmark_paired_check(tmp_path):
     assert cells[6] in ("eager", "eager+cl") and cells[8] == "convnextv2_atto" and cells[9] in ("eager", "eager+cl")
     assert float(cells[7].rstrip("x")) > 0 and float(cells[11].rstrip("x")) > 0
     assert "UniRepLKNet-A training step, batch 3, paired" in text
+
+
+@pytest.mark.slow
+def test_backbone_benchmark_paired_training_check_alone_with_the_compiled_step(tmp_path):
+    report = tmp_path / "train.md"
+    run_benchmark("backbone", "--train-paired-only", "--train-compiled", "--models", "unireplknet_a", "--image-size",
+                  "64", "--train-batch-size", "2", "--paired-rounds", "2", "--warmup", "1", "--output", str(report))
+    text = report.read_text()
+    assert "Paired check (" not in text  # the training check alone
+    assert "| compiled img/s |" in text and "our torch.compile'd step" in text
+    row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 2 | 2 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(float(cells[i]) > 0 for i in (3, 4, 5, 6, 11))  # plain, eager, eager+cl, compiled, the peer's
+    assert cells[7] in ("eager", "eager+cl", "compiled") and cells[9] == "convnextv2_atto"
+    assert "UniRepLKNet-A training step, batch 2, paired" in text
 
 
 @pytest.mark.slow
