@@ -54,10 +54,12 @@ MATMUL_GFLOP = 2 * MATMUL_SIZE**3 / 1e9
 
 
 class Part:
-    """One stem/downsampling layer or stage: its timed calls and their FLOPs."""
+    """One stem/downsampling layer or stage (``container``, the module timed inside the forward): its timed calls and
+    their FLOPs."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, container: nn.Module):
         self.name = name
+        self.container = container
         self.gemms: List[Callable[[], object]] = []
         self.gemms_gelu: List[Callable[[], object]] = []  # the same, Linear1 with its GELU post-op
         self.gemm_gflop = 0.0
@@ -65,16 +67,15 @@ class Part:
         self.depthwise_gflop = 0.0
 
 
-def _linear_call(linear: nn.Linear, rows_shape: Tuple[int, ...], dtype: torch.dtype,
-                 gelu: bool = False) -> Callable[[], object]:
-    x = torch.randn(*rows_shape, linear.in_features, dtype=dtype)
+def _linear_call(linear: nn.Linear, x: torch.Tensor, gelu: bool = False) -> Callable[[], object]:
+    """``linear`` on the channels-last rows ``x`` as the fast path calls it (kept oneDNN weight; GELU epilogue or
+    none)."""
     rows = x.numel() // linear.in_features
-    bias = linear.bias
     post_op, algorithm = ("gelu", "none") if gelu else ("none", "")
 
     def call():
-        weight = prepacked.linear_weight(linear.weight, rows, dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
+        weight = prepacked.linear_weight(linear.weight, rows, x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, post_op, [], algorithm)
     return call
 
 
@@ -96,7 +97,8 @@ def parts_of(model: UniRepLKNet, x: torch.Tensor) -> List[Part]:
     parts = []
     for index in range(len(model.stages)):
         for kind, container in (("downsample", model.downsample_layers[index]), ("stage", model.stages[index])):
-            part = Part(("stem" if index == 0 else f"downsample {index}") if kind == "downsample" else f"stage {index}")
+            part = Part(("stem" if index == 0 else f"downsample {index}") if kind == "downsample" else f"stage {index}",
+                        container)
             for module in container.modules():
                 if kind == "downsample" and isinstance(module, nn.Conv2d) and module.groups == 1:
                     image = torch.randn(shapes[module], dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -108,9 +110,10 @@ def parts_of(model: UniRepLKNet, x: torch.Tensor) -> List[Part]:
                 elif isinstance(module, UniRepLKNetBlock):
                     batch, channels, height, width = shapes[module]
                     linear1, linear2 = module.pwconv1[1], module.pwconv2[0]
-                    part.gemms.append(_linear_call(linear1, (batch, height, width), dtype))
-                    part.gemms.append(_linear_call(linear2, (batch, height, width), dtype))
-                    part.gemms_gelu += [_linear_call(linear1, (batch, height, width), dtype, gelu=True), part.gemms[-1]]
+                    rows1 = torch.randn(batch, height, width, linear1.in_features, dtype=dtype)
+                    rows2 = torch.randn(batch, height, width, linear2.in_features, dtype=dtype)
+                    part.gemms += [_linear_call(linear1, rows1), _linear_call(linear2, rows2)]
+                    part.gemms_gelu += [_linear_call(linear1, rows1, gelu=True), part.gemms[-1]]
                     rows = batch * height * width
                     part.gemm_gflop += 2 * rows * (linear1.in_features * linear1.out_features
                                                    + linear2.in_features * linear2.out_features) / 1e9
@@ -125,14 +128,11 @@ def timed_forward(model: nn.Module, x: torch.Tensor, parts: List[Part]) -> Tuple
     """Seconds of one forward and of each part inside it."""
     inside: Dict[str, float] = {}
     starts: Dict[str, float] = {}
-    containers = []
-    for index in range(len(model.stages)):
-        containers += [model.downsample_layers[index], model.stages[index]]
     handles = []
-    for part, container in zip(parts, containers, strict=True):
-        handles.append(container.register_forward_pre_hook(
+    for part in parts:
+        handles.append(part.container.register_forward_pre_hook(
             lambda m, args, name=part.name: starts.__setitem__(name, time.perf_counter())))
-        handles.append(container.register_forward_hook(
+        handles.append(part.container.register_forward_hook(
             lambda m, args, out, name=part.name: inside.__setitem__(name, time.perf_counter() - starts[name])))
     try:
         start = time.perf_counter()

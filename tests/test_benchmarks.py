@@ -58,28 +58,38 @@ def test_dwconv_policy_of_one_mode_keeps_the_other_modes_entries(tmp_path):
     assert len(fresh) == 16 and all(set(e["times_ms"]) <= {"torch", "cpu_direct"} for e in fresh)
 
 
+def layer_flops(model, x, layers) -> dict:
+    """FLOPs of each of ``layers`` (convolutions and Linears) in one forward of ``model`` on ``x``, counted from the
+    layer's own shapes (2 per multiply-add) by forward hooks on the module path (``reference_ops``)."""
+    flops = {}
+
+    def count(module, args, out):
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            flops[module] = 2 * out.numel() * module.in_channels // module.groups * kernel
+        else:
+            flops[module] = 2 * out.numel() * module.in_features
+
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad(), reference_ops():  # hooks see every layer on the module path
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flops
+
+
 def test_forward_flops_count_every_convolution_and_linear_whatever_runs_them():
     forward_gflops = benchmark_module("backbone").forward_gflops
     import timm
 
     model = timm.create_model("unireplknet_a", num_classes=10).eval().reparameterize()
-    expected = []
-
-    def count(module, args, out):  # 2 FLOPs per multiply-add of the layer's own shapes
-        if isinstance(module, torch.nn.Conv2d):
-            kernel = module.kernel_size[0] * module.kernel_size[1]
-            expected.append(2 * out.numel() * module.in_channels // module.groups * kernel)
-        else:
-            expected.append(2 * out.numel() * module.in_features)
-
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    handles = [m.register_forward_hook(count) for m in layers]
-    with torch.no_grad(), reference_ops():  # hooks see every layer on the module path
-        model(torch.randn(1, 3, 224, 224))  # (at 224 px no kernel reaches past a map, so every tap is computed)
-    for handle in handles:
-        handle.remove()
+    # (at 224 px no kernel reaches past a map, so every tap is computed)
+    expected = layer_flops(model, torch.randn(1, 3, 224, 224), layers)
     assert len(expected) == len(layers)
-    assert forward_gflops(model, 224) == pytest.approx(sum(expected) / 1e9, rel=1e-9)
+    assert forward_gflops(model, 224) == pytest.approx(sum(expected.values()) / 1e9, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -104,24 +114,12 @@ def test_ceiling_counts_the_flops_of_every_matrix_multiply_and_depthwise_convolu
     parts = parts_of(model, x)
     assert [p.name for p in parts] == ["stem", "stage 0", "downsample 1", "stage 1", "downsample 2", "stage 2",
                                        "downsample 3", "stage 3"]
-    expected = {"gemm": 0, "depthwise": 0}
     se_convs = {m for block in model.modules() if hasattr(block, "se") for m in block.se.modules()}
-
-    def count(module, args, out):  # an independent count from the layers' own shapes, on the module path
-        if isinstance(module, torch.nn.Linear):
-            expected["gemm"] += 2 * out.numel() * module.in_features
-        elif module.groups == 1:
-            expected["gemm"] += 2 * out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-        else:
-            expected["depthwise"] += 2 * out.numel() * module.kernel_size[0] * module.kernel_size[1]
-
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
               and m is not model.head and m not in se_convs]  # SE and the classifier are not the parts' GEMMs
-    handles = [m.register_forward_hook(count) for m in layers]
-    with torch.no_grad(), reference_ops():
-        model(x)
-    for handle in handles:
-        handle.remove()
+    expected = {"gemm": 0, "depthwise": 0}
+    for module, flops in layer_flops(model, x, layers).items():  # an independent count from the layers' shapes
+        expected["depthwise" if getattr(module, "groups", 1) > 1 else "gemm"] += flops
     assert sum(p.gemm_gflop for p in parts) == pytest.approx(expected["gemm"] / 1e9, rel=1e-9)
     assert sum(p.depthwise_gflop for p in parts) == pytest.approx(expected["depthwise"] / 1e9, rel=1e-9)
     assert all(len(p.gemms) == len(p.gemms_gelu) for p in parts)
