@@ -5,7 +5,9 @@
 // (K, K, C). Work is split into tasks of (image, band of output rows). Each task copies the input rows its band reads
 // into a zero-padded local buffer of (rows + K - 1) x (W + K - 1) pixels with C rounded up to the vector width, so the
 // inner loops have no bounds checks and no channel tail. The forward pass keeps a row segment of up to kMaxWidth
-// output pixels times one 16-channel vector in registers and streams the K x K taps over it; the weight gradient keeps
+// output pixels times one 16-channel vector in registers and streams the K x K taps over it (for the common kernel
+// sizes, on AVX-512, with a kernel row's weights in registers too, so each input pixel is loaded once per kernel
+// row), skipping the kernel rows that meet only the zero padding above and below the image; the weight gradient keeps
 // one kernel row's K taps (in groups) in registers and streams the output gradient over them. The input gradient is
 // the forward pass with the kernel rotated by 180 degrees.
 //
@@ -129,15 +131,16 @@ void fill_block(const T* x, int64_t b, int64_t row0, int64_t rows, int64_t H, in
 }
 
 // One register block of the forward pass: out[i] (i < N) = bias + sum_{kh, kw} in[kh][i + kw] * w[kh][kw] for one
-// 16-channel vector. `in` points at padded pixel (row, col) of the block's first output in a fill_block buffer, `w`
+// 16-channel vector, over the kernel rows kh0 <= kh < kh1 (the rows that fall inside the image: the others read only
+// the zero padding). `in` points at padded pixel (row, col) of the block's first output in a fill_block buffer, `w`
 // at tap (0, 0) of the block's (K, K, 16) weights.
 template <int N, typename T>
 inline void forward_block(const float* in, const float* w, vec bias, T* out, int64_t K, int64_t dil,
-                          int64_t Wp, int64_t out_stride, int64_t valid) {
+                          int64_t Wp, int64_t out_stride, int64_t valid, int64_t kh0, int64_t kh1) {
   vec acc[N];
 #pragma GCC unroll 16
   for (int i = 0; i < N; ++i) acc[i] = bias;
-  for (int64_t kh = 0; kh < K; ++kh) {
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
     const float* row = in + kh * dil * Wp * kLanes;
     const float* wrow = w + kh * K * kLanes;
     for (int64_t kw = 0; kw < K; ++kw) {
@@ -151,8 +154,37 @@ inline void forward_block(const float* in, const float* w, vec bias, T* out, int
   for (int i = 0; i < N; ++i) store_lanes(out + i * out_stride, acc[i], valid);
 }
 
+// forward_block for a kernel of KS taps per row at dilation DIL, the kernel row's KS weights held in registers beside
+// the N sums: each padded input pixel of the row is loaded once and multiplied into every sum it reaches
+// (N + (KS - 1) * DIL loads per kernel row instead of N * KS). Each sum takes its taps in the same order as in
+// forward_block, so the results are the same bits. N + KS must stay within the 32 vector registers.
+template <int N, int KS, int DIL, typename T>
+inline void forward_block_reuse(const float* in, const float* w, vec bias, T* out, int64_t, int64_t, int64_t Wp,
+                                int64_t out_stride, int64_t valid, int64_t kh0, int64_t kh1) {
+  vec acc[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) acc[i] = bias;
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const float* row = in + kh * DIL * Wp * kLanes;
+    vec wv[KS];
+#pragma GCC unroll 16
+    for (int k = 0; k < KS; ++k) wv[k] = load(w + (kh * KS + k) * kLanes);
+#pragma GCC unroll 64
+    for (int p = 0; p < N + (KS - 1) * DIL; ++p) {
+      const vec v = load(row + p * kLanes);
+#pragma GCC unroll 16
+      for (int k = 0; k < KS; ++k) {
+        if (p - k * DIL >= 0 && p - k * DIL < N) acc[p - k * DIL] += v * wv[k];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) store_lanes(out + i * out_stride, acc[i], valid);
+}
+
 template <typename T>
-using ForwardBlockFn = void (*)(const float*, const float*, vec, T*, int64_t, int64_t, int64_t, int64_t, int64_t);
+using ForwardBlockFn = void (*)(const float*, const float*, vec, T*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                int64_t, int64_t);
 template <typename T>
 constexpr ForwardBlockFn<T> kForwardBlocks[kMaxWidth + 1] = {
     nullptr,
@@ -160,6 +192,35 @@ constexpr ForwardBlockFn<T> kForwardBlocks[kMaxWidth + 1] = {
     forward_block<6, T>,  forward_block<7, T>,  forward_block<8, T>,  forward_block<9, T>,  forward_block<10, T>,
     forward_block<11, T>, forward_block<12, T>, forward_block<13, T>, forward_block<14, T>,
 };
+template <int KS, int DIL, typename T>
+constexpr ForwardBlockFn<T> kReuseBlocks[kMaxWidth + 1] = {
+    nullptr,
+    forward_block_reuse<1, KS, DIL, T>,  forward_block_reuse<2, KS, DIL, T>,  forward_block_reuse<3, KS, DIL, T>,
+    forward_block_reuse<4, KS, DIL, T>,  forward_block_reuse<5, KS, DIL, T>,  forward_block_reuse<6, KS, DIL, T>,
+    forward_block_reuse<7, KS, DIL, T>,  forward_block_reuse<8, KS, DIL, T>,  forward_block_reuse<9, KS, DIL, T>,
+    forward_block_reuse<10, KS, DIL, T>, forward_block_reuse<11, KS, DIL, T>, forward_block_reuse<12, KS, DIL, T>,
+    forward_block_reuse<13, KS, DIL, T>, forward_block_reuse<14, KS, DIL, T>,
+};
+
+// The forward blocks for kernel size K at dilation dil: the register-reuse ones for the deploy form's 13x13 (and the
+// 7x7 and 5x5 a block may be given) and the 5x5 and 7x7 training branches of the Dilated Reparam Blocks (at
+// dilations 1 and 2), the general ones otherwise. 3x3 kernels gain nothing from the reuse (measured at 14x14 and
+// 56x56: 0.89-1.02x; they wait on memory, not arithmetic); at 17x17 the weights and sums would not fit the registers.
+// Only where a vector is one register (AVX-512's 32): with narrower registers the sums and weights would spill.
+template <typename T>
+const ForwardBlockFn<T>* forward_blocks(int64_t K, int64_t dil) {
+#ifndef __AVX512F__
+  return kForwardBlocks<T>;
+#endif
+  switch (K * 16 + dil) {
+    case 13 * 16 + 1: return kReuseBlocks<13, 1, T>;
+    case 7 * 16 + 1: return kReuseBlocks<7, 1, T>;
+    case 7 * 16 + 2: return kReuseBlocks<7, 2, T>;
+    case 5 * 16 + 1: return kReuseBlocks<5, 1, T>;
+    case 5 * 16 + 2: return kReuseBlocks<5, 2, T>;
+    default: return kForwardBlocks<T>;
+  }
+}
 
 // The register block width for rows of W pixels: as few blocks as kMaxWidth allows, of (nearly) equal width, so a
 // 14- or 28-pixel row runs 14-wide blocks instead of 8 + 6.
@@ -170,6 +231,20 @@ int64_t block_width(int64_t W) {
 
 int64_t band_rows(int64_t H, int64_t W, int64_t pad) {
   return std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / (W + 2 * pad)));
+}
+
+// The kernel rows [first, last) that output row oh reads inside the image (input row oh - pad + kh * dil in [0, H)):
+// the rest read zero padding only and are skipped. At T's 14x14 maps a 13x13 kernel has 23% of its rows outside, at
+// 7x7 maps 46%.
+struct KernelRows {
+  int64_t first, last;
+};
+inline KernelRows kernel_rows(int64_t oh, int64_t H, int64_t K, int64_t dil, int64_t pad) {
+  const int64_t top = pad - oh;                // input row oh - pad + kh * dil >= 0  <=>  kh * dil >= top
+  const int64_t first = top > 0 ? (top + dil - 1) / dil : 0;
+  const int64_t bottom = H - 1 + pad - oh;     // ... <= H - 1  <=>  kh * dil <= bottom
+  const int64_t last = bottom < 0 ? 0 : std::min<int64_t>(K, bottom / dil + 1);
+  return {std::min(first, last), last};
 }
 
 // y (B, H, W, C) = depthwise(x (B, H, W, C), wb, dilation dil) + bias (C), with the weights blocked as
@@ -185,6 +260,7 @@ void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t 
   const int64_t rows = band_rows(H, W, pad);
   const int64_t bands = (H + rows - 1) / rows;
   const int64_t width = block_width(W);
+  const ForwardBlockFn<T>* kernels = dil < 16 ? forward_blocks<T>(K, dil) : kForwardBlocks<T>;
   at::parallel_for(0, B * bands * blocks, 1, [&](int64_t begin, int64_t end) {
     Buffer buf((rows + 2 * pad) * Wp * kLanes);
     for (int64_t task = begin; task < end; ++task) {
@@ -197,9 +273,11 @@ void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t 
       const float* wc = wb + cb * K * K * kLanes;
       for (int64_t r = 0; r < n_rows; ++r) {
         T* out_row = y + ((b * H + row0 + r) * W) * C + c0;
+        const KernelRows kh = kernel_rows(row0 + r, H, K, dil, pad);
         for (int64_t ow = 0; ow < W; ow += width) {
           const int64_t n = std::min<int64_t>(width, W - ow);
-          kForwardBlocks<T>[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid);
+          kernels[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid,
+                               kh.first, kh.last);
         }
       }
     }
@@ -255,7 +333,8 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
       fill_block(g, b, row0, n_rows, H, W, C, c0, 0, grad.data());
       float* dwc = acc + cb * taps;
       for (int64_t r = 0; r < n_rows; ++r) {
-        for (int64_t kh = 0; kh < K; ++kh) {
+        const KernelRows rows_in = kernel_rows(row0 + r, H, K, dil, pad);
+        for (int64_t kh = rows_in.first; kh < rows_in.last; ++kh) {
           const float* in_row = buf.data() + (r + kh * dil) * Wp * kLanes;
           for (int64_t kw0 = 0; kw0 < K; kw0 += kMaxTapGroup) {
             const int64_t n = std::min<int64_t>(kMaxTapGroup, K - kw0);
