@@ -162,10 +162,12 @@ def test_smooth_fft_sizes():
 # --------------------------------------------------------------------------------------------------------------------
 # Our CPU kernels
 
-# (B, C, H, W, K): C below, at and past the 16-channel vector (tails of 3, 8 and 1), W past the 8-pixel register
-# block, K past the 16-tap group (31), maps smaller than the kernel, and maps cut into several row bands (H = 90)
+# (B, C, H, W, K): C below, at and past the 16-channel vector (tails of 3, 8 and 1), W past the 14-pixel register
+# block, K past the 16-tap group (31), maps smaller than the kernel (down to 2 rows of a 13x13 kernel: all but two
+# of its rows skipped), maps cut into several row bands (H = 90), and the kernel sizes whose forward pass keeps a
+# kernel row's weights in registers (5, 7 and 13) beside those that do not
 CPU_DIRECT_CASES = [(1, 1, 1, 1, 3), (2, 3, 17, 16, 5), (1, 4, 14, 14, 13), (2, 2, 9, 30, 31), (3, 5, 7, 7, 17),
-                    (2, 40, 9, 11, 13), (1, 17, 5, 70, 7), (1, 3, 90, 100, 3), (2, 32, 6, 9, 9)]
+                    (2, 40, 9, 11, 13), (1, 17, 5, 70, 7), (1, 3, 90, 100, 3), (2, 32, 6, 9, 9), (2, 20, 2, 29, 13)]
 
 
 def cpu_case(*args, **kwargs):
@@ -196,7 +198,8 @@ def test_cpu_direct_matches_float64(case, layout):
 
 
 @pytest.mark.parametrize("case, dilation", [((2, 20, 12, 13, 3), 2), ((1, 5, 30, 31, 5), 3), ((2, 16, 7, 9, 3), 5),
-                                            ((1, 3, 40, 11, 7), 4)], ids=str)
+                                            ((1, 3, 40, 11, 7), 4), ((2, 18, 9, 20, 7), 2), ((1, 16, 3, 29, 5), 2)],
+                         ids=str)
 def test_cpu_direct_dilated_matches_float64(case, dilation):
     from backbones.ops.cpu_depthwise import cpu_direct_depthwise_conv2d
 
