@@ -8,7 +8,8 @@
 // output pixels times one 16-channel vector in registers and streams the K x K taps over it (for the common kernel
 // sizes, on AVX-512, with a kernel row's weights in registers too, so each input pixel is loaded once per kernel
 // row), skipping the kernel rows that meet only the zero padding above and below the image; the weight gradient keeps
-// one kernel row's K taps (in groups) in registers and streams the output gradient over them. The input gradient is
+// one kernel row's K taps (in groups) in registers and streams the output gradient over them (for the same sizes,
+// 14 or 7 output-gradient pixels at a time held in registers too). The input gradient is
 // the forward pass with the kernel rotated by 180 degrees.
 //
 // The same extension holds what the blocks' fast path runs in one call at inference: GRN's spatial sum of squares
@@ -309,6 +310,61 @@ const WeightGradBlockFn kWeightGradBlocks[kMaxTapGroup + 1] = {
     weight_grad_block<13>, weight_grad_block<14>, weight_grad_block<15>, weight_grad_block<16>,
 };
 
+// M output-gradient pixels of weight_grad_block at dilation DIL, with those M gradient vectors held in registers
+// beside the N sums: each input pixel they reach is loaded once and multiplied into every sum it meets
+// (M + (N - 1) * DIL loads instead of M * (N + 1)). Every sum takes its pixels in the same order as in
+// weight_grad_block.
+template <int N, int M, int DIL>
+inline void weight_grad_chunk(const float* g, const float* in, vec* acc) {
+  vec gv[M];
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) gv[i] = load(g + i * kLanes);
+#pragma GCC unroll 64
+  for (int q = 0; q < M + (N - 1) * DIL; ++q) {
+    const vec v = load(in + q * kLanes);
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) {
+      if (q - j * DIL >= 0 && q - j * DIL < M) acc[j] += gv[q - j * DIL] * v;
+    }
+  }
+}
+
+// weight_grad_block for N taps at dilation DIL through weight_grad_chunk: chunks of 14 pixels, then of 7, then the
+// rest one pixel at a time (as weight_grad_block takes them)
+template <int N, int DIL>
+void weight_grad_block_reuse(const float* g, const float* in, float* dw, int64_t W, int64_t) {
+  vec acc[N];
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) acc[j] = load(dw + j * kLanes);
+  int64_t ow = 0;
+  for (; ow + 14 <= W; ow += 14) weight_grad_chunk<N, 14, DIL>(g + ow * kLanes, in + ow * kLanes, acc);
+  for (; ow + 7 <= W; ow += 7) weight_grad_chunk<N, 7, DIL>(g + ow * kLanes, in + ow * kLanes, acc);
+  for (; ow < W; ++ow) {
+    const vec gv = load(g + ow * kLanes);
+    const float* src = in + ow * kLanes;
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) acc[j] += gv * load(src + j * DIL * kLanes);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) store(dw + j * kLanes, acc[j]);
+}
+
+// The weight-gradient block for a kernel row of K taps (one group: K <= kMaxTapGroup) at dilation dil: the
+// register-reuse ones on AVX-512 for the sizes forward_blocks reuses, the general ones otherwise.
+WeightGradBlockFn weight_grad_blocks(int64_t K, int64_t dil) {
+#ifdef __AVX512F__
+  switch (K * 16 + dil) {
+    case 13 * 16 + 1: return weight_grad_block_reuse<13, 1>;
+    case 7 * 16 + 1: return weight_grad_block_reuse<7, 1>;
+    case 7 * 16 + 2: return weight_grad_block_reuse<7, 2>;
+    case 5 * 16 + 1: return weight_grad_block_reuse<5, 1>;
+    case 5 * 16 + 2: return weight_grad_block_reuse<5, 2>;
+    default: break;
+  }
+#endif
+  return K <= kMaxTapGroup ? kWeightGradBlocks[K] : nullptr;
+}
+
 // dw (K, K, C) = sum_{b, oh, ow} g[b, oh, ow] * xpad[b, oh + kh dil, ow + kw dil]
 template <typename T>
 void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, int64_t W, int64_t C,
@@ -321,6 +377,7 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
   const int64_t threads = at::get_num_threads();
   const int64_t taps = K * K * kLanes;  // one channel block's gradient
   Buffer partial(threads * blocks * taps);
+  const WeightGradBlockFn whole_row = weight_grad_blocks(K, dil);  // a kernel row in one group (K <= 16)
   at::parallel_for(0, B * bands * blocks, 1, [&](int64_t begin, int64_t end) {
     Buffer buf((rows + 2 * pad) * Wp * kLanes);
     Buffer grad(rows * W * kLanes);
@@ -338,7 +395,7 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
           const float* in_row = buf.data() + (r + kh * dil) * Wp * kLanes;
           for (int64_t kw0 = 0; kw0 < K; kw0 += kMaxTapGroup) {
             const int64_t n = std::min<int64_t>(kMaxTapGroup, K - kw0);
-            kWeightGradBlocks[n](grad.data() + r * W * kLanes, in_row + kw0 * dil * kLanes,
+            (n == K ? whole_row : kWeightGradBlocks[n])(grad.data() + r * W * kLanes, in_row + kw0 * dil * kLanes,
                                  dwc + (kh * K + kw0) * kLanes, W, dil);
           }
         }
