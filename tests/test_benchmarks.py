@@ -126,6 +126,23 @@ def test_ceiling_counts_the_flops_of_every_matrix_multiply_and_depthwise_convolu
     assert len(parts[5].gemms) == 2 * len(model.stages[2]) and len(parts[0].gemms) == 2  # two Linears a block
 
 
+def test_dwconv_versions_times_an_earlier_source_beside_the_current_one(tmp_path):
+    from backbones.ops.cpu_depthwise import SOURCE
+
+    earlier = tmp_path / "depthwise_cpu.cpp"
+    earlier.write_bytes(SOURCE.read_bytes())  # the same source: no second build, the same bits
+    report = tmp_path / "versions.md"
+    run_benchmark("dwconv_versions", "--base-source", str(earlier), "--quick", "--bf16", "--output", str(report))
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| 2 | 16 |")]
+    assert len(rows) == 6  # three cases, two dtypes
+    assert all(line.count("same bits") == 2 for line in rows)
+    for arguments, message in [(["--base-source", str(tmp_path / "missing.cpp")], "no such file"),
+                               (["--base", "no-such-revision"], "git cannot show")]:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dwconv_versions.py"), *arguments,
+                               "--quick"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_ceiling_benchmark_splits_the_time_and_states_the_ceilings(tmp_path):
     report = tmp_path / "ceiling.md"

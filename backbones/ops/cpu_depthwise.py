@@ -41,8 +41,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .prepacked import kept_copy
 
 __all__ = [
-    "cpu_direct_depthwise_conv2d", "extension", "grn_scale", "se_scale", "spatial_square_sum", "unavailable_reason",
-    "SOURCE",
+    "cpu_direct_depthwise_conv2d", "build_source", "extension", "grn_scale", "se_scale", "spatial_square_sum",
+    "unavailable_reason", "SOURCE",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
@@ -62,9 +62,9 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build_name() -> str:
+def _build_name(source: Path = SOURCE) -> str:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    digest.update(source.read_bytes())
     digest.update(_cpu_fingerprint().encode())
     digest.update(torch.__version__.encode())
     return f"uniperception_depthwise_cpu_{digest.hexdigest()[:16]}"
@@ -109,12 +109,19 @@ def extension(verbose: bool = False):
 
 
 def _build(verbose: bool):
+    return build_source(SOURCE, verbose)
+
+
+def build_source(source: Path, verbose: bool = False):
+    """Compile (or load the cached build of) a version of ``csrc/depthwise_cpu.cpp`` at ``source`` with the flags the
+    kernels are built with, as a module named after its contents (``benchmarks/dwconv_versions.py`` builds an
+    earlier version this way to time it beside the current one)."""
     from torch.utils.cpp_extension import load
 
-    name = _build_name()
+    name = _build_name(source)
     _LOG.info("compiling the CPU depthwise-convolution kernels (%s, once per machine, about 30 s)", name)
     flags = ["-O3", "-fopenmp", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=verbose)
+    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
 def unavailable_reason() -> Optional[str]:

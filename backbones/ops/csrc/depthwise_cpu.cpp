@@ -204,9 +204,10 @@ constexpr ForwardBlockFn<T> kReuseBlocks[kMaxWidth + 1] = {
 };
 
 // The forward blocks for kernel size K at dilation dil: the register-reuse ones for the deploy form's 13x13 (and the
-// 7x7 and 5x5 a block may be given) and the 5x5 and 7x7 training branches of the Dilated Reparam Blocks (at
-// dilations 1 and 2), the general ones otherwise. 3x3 kernels gain nothing from the reuse (measured at 14x14 and
-// 56x56: 0.89-1.02x; they wait on memory, not arithmetic); at 17x17 the weights and sums would not fit the registers.
+// 7x7, 5x5 and 3x3 a block may be given) and the 5x5 and 7x7 training branches of the Dilated Reparam Blocks (at
+// dilations 1 and 2), the general ones otherwise. 3x3 kernels wait on memory, not arithmetic: the reuse only keeps
+// them where they were (0.97-1.00x; with the general blocks and the row skipping they measured 0.93-0.96x the earlier
+// kernels, `benchmarks/dwconv_versions.py`). At 17x17 the weights and sums would not fit the registers.
 // Only where a vector is one register (AVX-512's 32): with narrower registers the sums and weights would spill.
 template <typename T>
 const ForwardBlockFn<T>* forward_blocks(int64_t K, int64_t dil) {
@@ -219,6 +220,7 @@ const ForwardBlockFn<T>* forward_blocks(int64_t K, int64_t dil) {
     case 7 * 16 + 2: return kReuseBlocks<7, 2, T>;
     case 5 * 16 + 1: return kReuseBlocks<5, 1, T>;
     case 5 * 16 + 2: return kReuseBlocks<5, 2, T>;
+    case 3 * 16 + 1: return kReuseBlocks<3, 1, T>;
     default: return kForwardBlocks<T>;
   }
 }
@@ -241,6 +243,10 @@ struct KernelRows {
   int64_t first, last;
 };
 inline KernelRows kernel_rows(int64_t oh, int64_t H, int64_t K, int64_t dil, int64_t pad) {
+  if (dil == 1) {  // no divisions (a 3x3 row of outputs costs only a few hundred cycles)
+    const int64_t first = std::max<int64_t>(0, pad - oh), last = std::min<int64_t>(K, H + pad - oh);
+    return {std::min(first, last), last};
+  }
   const int64_t top = pad - oh;                // input row oh - pad + kh * dil >= 0  <=>  kh * dil >= top
   const int64_t first = top > 0 ? (top + dil - 1) / dil : 0;
   const int64_t bottom = H - 1 + pad - oh;     // ... <= H - 1  <=>  kh * dil <= bottom
