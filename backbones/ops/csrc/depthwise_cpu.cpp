@@ -291,18 +291,25 @@ void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t 
   });
 }
 
+// acc[j] += g[ow] * in[ow + j * dil] for the output-gradient pixels begin <= ow < end, one at a time
+template <int N>
+__attribute__((always_inline)) inline void weight_grad_pixels(const float* g, const float* in, vec* acc, int64_t begin,
+                                                             int64_t end, int64_t dil) {
+  for (int64_t ow = begin; ow < end; ++ow) {
+    const vec gv = load(g + ow * kLanes);
+    const float* src = in + ow * kLanes;
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) acc[j] += gv * load(src + j * dil * kLanes);
+  }
+}
+
 // Weight-gradient register block: acc[j] += sum_ow g[ow] * in[ow + j * dil] for N taps j of one kernel row.
 template <int N>
 inline void weight_grad_block(const float* g, const float* in, float* dw, int64_t W, int64_t dil) {
   vec acc[N];
 #pragma GCC unroll 16
   for (int j = 0; j < N; ++j) acc[j] = load(dw + j * kLanes);
-  for (int64_t ow = 0; ow < W; ++ow) {
-    const vec gv = load(g + ow * kLanes);
-    const float* src = in + ow * kLanes;
-#pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) acc[j] += gv * load(src + j * dil * kLanes);
-  }
+  weight_grad_pixels<N>(g, in, acc, 0, W, dil);
 #pragma GCC unroll 16
   for (int j = 0; j < N; ++j) store(dw + j * kLanes, acc[j]);
 }
@@ -321,7 +328,7 @@ const WeightGradBlockFn kWeightGradBlocks[kMaxTapGroup + 1] = {
 // (M + (N - 1) * DIL loads instead of M * (N + 1)). Every sum takes its pixels in the same order as in
 // weight_grad_block.
 template <int N, int M, int DIL>
-inline void weight_grad_chunk(const float* g, const float* in, vec* acc) {
+__attribute__((always_inline)) inline void weight_grad_chunk(const float* g, const float* in, vec* acc) {
   vec gv[M];
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) gv[i] = load(g + i * kLanes);
@@ -345,12 +352,7 @@ void weight_grad_block_reuse(const float* g, const float* in, float* dw, int64_t
   int64_t ow = 0;
   for (; ow + 14 <= W; ow += 14) weight_grad_chunk<N, 14, DIL>(g + ow * kLanes, in + ow * kLanes, acc);
   for (; ow + 7 <= W; ow += 7) weight_grad_chunk<N, 7, DIL>(g + ow * kLanes, in + ow * kLanes, acc);
-  for (; ow < W; ++ow) {
-    const vec gv = load(g + ow * kLanes);
-    const float* src = in + ow * kLanes;
-#pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) acc[j] += gv * load(src + j * DIL * kLanes);
-  }
+  weight_grad_pixels<N>(g, in, acc, ow, W, DIL);
 #pragma GCC unroll 16
   for (int j = 0; j < N; ++j) store(dw + j * kLanes, acc[j]);
 }
