@@ -198,7 +198,8 @@ def test_cpu_direct_matches_float64(case, layout):
 
 
 @pytest.mark.parametrize("case, dilation", [((2, 20, 12, 13, 3), 2), ((1, 5, 30, 31, 5), 3), ((2, 16, 7, 9, 3), 5),
-                                            ((1, 3, 40, 11, 7), 4), ((2, 18, 9, 20, 7), 2), ((1, 16, 3, 29, 5), 2)],
+                                            ((1, 3, 40, 11, 7), 4), ((2, 18, 9, 20, 7), 2), ((1, 16, 3, 29, 5), 2),
+                                            ((1, 16, 6, 9, 7), 97)],  # 7 * 16 + 97 == 13 * 16 + 1: kept apart
                          ids=str)
 def test_cpu_direct_dilated_matches_float64(case, dilation):
     from backbones.ops.cpu_depthwise import cpu_direct_depthwise_conv2d

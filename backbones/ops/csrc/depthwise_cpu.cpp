@@ -8,7 +8,7 @@
 // output pixels times one 16-channel vector in registers and streams the K x K taps over it (for the common kernel
 // sizes, on AVX-512, with a kernel row's weights in registers too, so each input pixel is loaded once per kernel
 // row), skipping the kernel rows that meet only the zero padding above and below the image; the weight gradient keeps
-// one kernel row's K taps (in groups) in registers and streams the output gradient over them (for the same sizes,
+// one kernel row's K taps (in groups) in registers and streams the output gradient over them (for 13, 7 and 5, with
 // 14 or 7 output-gradient pixels at a time held in registers too). The input gradient is
 // the forward pass with the kernel rotated by 180 degrees.
 //
@@ -211,18 +211,24 @@ constexpr ForwardBlockFn<T> kReuseBlocks[kMaxWidth + 1] = {
 // Only where a vector is one register (AVX-512's 32): with narrower registers the sums and weights would spill.
 template <typename T>
 const ForwardBlockFn<T>* forward_blocks(int64_t K, int64_t dil) {
-#ifndef __AVX512F__
-  return kForwardBlocks<T>;
-#endif
-  switch (K * 16 + dil) {
-    case 13 * 16 + 1: return kReuseBlocks<13, 1, T>;
-    case 7 * 16 + 1: return kReuseBlocks<7, 1, T>;
-    case 7 * 16 + 2: return kReuseBlocks<7, 2, T>;
-    case 5 * 16 + 1: return kReuseBlocks<5, 1, T>;
-    case 5 * 16 + 2: return kReuseBlocks<5, 2, T>;
-    case 3 * 16 + 1: return kReuseBlocks<3, 1, T>;
-    default: return kForwardBlocks<T>;
+#ifdef __AVX512F__
+  if (dil == 1) {
+    switch (K) {
+      case 13: return kReuseBlocks<13, 1, T>;
+      case 7: return kReuseBlocks<7, 1, T>;
+      case 5: return kReuseBlocks<5, 1, T>;
+      case 3: return kReuseBlocks<3, 1, T>;
+      default: break;
+    }
+  } else if (dil == 2) {
+    switch (K) {
+      case 7: return kReuseBlocks<7, 2, T>;
+      case 5: return kReuseBlocks<5, 2, T>;
+      default: break;
+    }
   }
+#endif
+  return kForwardBlocks<T>;
 }
 
 // The register block width for rows of W pixels: as few blocks as kMaxWidth allows, of (nearly) equal width, so a
@@ -243,7 +249,7 @@ struct KernelRows {
   int64_t first, last;
 };
 inline KernelRows kernel_rows(int64_t oh, int64_t H, int64_t K, int64_t dil, int64_t pad) {
-  if (dil == 1) {  // no divisions (a 3x3 row of outputs costs only a few hundred cycles)
+  if (dil == 1) {  // no divisions
     const int64_t first = std::max<int64_t>(0, pad - oh), last = std::min<int64_t>(K, H + pad - oh);
     return {std::min(first, last), last};
   }
@@ -267,7 +273,7 @@ void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t 
   const int64_t rows = band_rows(H, W, pad);
   const int64_t bands = (H + rows - 1) / rows;
   const int64_t width = block_width(W);
-  const ForwardBlockFn<T>* kernels = dil < 16 ? forward_blocks<T>(K, dil) : kForwardBlocks<T>;
+  const ForwardBlockFn<T>* kernels = forward_blocks<T>(K, dil);
   at::parallel_for(0, B * bands * blocks, 1, [&](int64_t begin, int64_t end) {
     Buffer buf((rows + 2 * pad) * Wp * kLanes);
     for (int64_t task = begin; task < end; ++task) {
@@ -283,8 +289,8 @@ void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t 
         const KernelRows kh = kernel_rows(row0 + r, H, K, dil, pad);
         for (int64_t ow = 0; ow < W; ow += width) {
           const int64_t n = std::min<int64_t>(width, W - ow);
-          kernels[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid,
-                               kh.first, kh.last);
+          kernels[n](buf.data() + (r * Wp + ow) * kLanes, wc, bv, out_row + ow * C, K, dil, Wp, C, valid, kh.first,
+                     kh.last);
         }
       }
     }
@@ -358,16 +364,22 @@ void weight_grad_block_reuse(const float* g, const float* in, float* dw, int64_t
 }
 
 // The weight-gradient block for a kernel row of K taps (one group: K <= kMaxTapGroup) at dilation dil: the
-// register-reuse ones on AVX-512 for the sizes forward_blocks reuses, the general ones otherwise.
+// register-reuse ones on AVX-512 for 13, 7 and 5 (7 and 5 at dilation 2 too), the general ones otherwise.
 WeightGradBlockFn weight_grad_blocks(int64_t K, int64_t dil) {
 #ifdef __AVX512F__
-  switch (K * 16 + dil) {
-    case 13 * 16 + 1: return weight_grad_block_reuse<13, 1>;
-    case 7 * 16 + 1: return weight_grad_block_reuse<7, 1>;
-    case 7 * 16 + 2: return weight_grad_block_reuse<7, 2>;
-    case 5 * 16 + 1: return weight_grad_block_reuse<5, 1>;
-    case 5 * 16 + 2: return weight_grad_block_reuse<5, 2>;
-    default: break;
+  if (dil == 1) {
+    switch (K) {
+      case 13: return weight_grad_block_reuse<13, 1>;
+      case 7: return weight_grad_block_reuse<7, 1>;
+      case 5: return weight_grad_block_reuse<5, 1>;
+      default: break;
+    }
+  } else if (dil == 2) {
+    switch (K) {
+      case 7: return weight_grad_block_reuse<7, 2>;
+      case 5: return weight_grad_block_reuse<5, 2>;
+      default: break;
+    }
   }
 #endif
   return K <= kMaxTapGroup ? kWeightGradBlocks[K] : nullptr;
