@@ -94,8 +94,8 @@ def compare(base, current, case, dtype: torch.dtype, rounds: int) -> List[str]:
     x = torch.randn(batch, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(channels, 1, kernel, kernel), torch.randn(channels)
     grad = torch.randn_like(x)
-    blocked = current.blocked_weight(weight)
-    forwards = [lambda m=m: m.forward_blocked(x, blocked, bias, dilation) for m in (base, current)]
+    blocked = [m.blocked_weight(weight) for m in (base, current)]  # each version's own weight layout
+    forwards = [lambda m=m, w=w: m.forward_blocked(x, w, bias, dilation) for m, w in zip((base, current), blocked)]
     weight_grads = [lambda m=m: m.weight_grad(x, grad, kernel, dilation) for m in (base, current)]
     same_forward = difference(*(f() for f in forwards))
     same_grad = difference(*(f() for f in weight_grads))
@@ -130,7 +130,14 @@ def main(argv=None) -> int:
         same_source = source.read_bytes() == cpu_depthwise.SOURCE.read_bytes()
         print(f"building the base kernels ({base_name}){' : the same source as the current one' * same_source}",
               flush=True)
-        base = current if same_source else cpu_depthwise.build_source(source)
+        try:
+            base = current if same_source else cpu_depthwise.build_source(source)
+        except Exception as exc:  # a compiler error in the earlier source
+            raise SystemExit(f"building the base kernels ({base_name}) failed: {type(exc).__name__}: "
+                             f"{str(exc)[-1500:]}") from None
+    missing = [name for name in ("blocked_weight", "forward_blocked", "weight_grad") if not hasattr(base, name)]
+    if missing:
+        raise SystemExit(f"the base kernels ({base_name}) lack {', '.join(missing)}: too old to compare")
     cases = QUICK_CASES if args.quick else CASES
     rounds = 2 if args.quick else args.rounds
     dtypes = [torch.float32] + ([torch.bfloat16] if args.bf16 else [])

@@ -136,8 +136,11 @@ def test_dwconv_versions_times_an_earlier_source_beside_the_current_one(tmp_path
     rows = [line for line in report.read_text().splitlines() if line.startswith("| 2 | 16 |")]
     assert len(rows) == 6  # three cases, two dtypes
     assert all(line.count("same bits") == 2 for line in rows)
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
     for arguments, message in [(["--base-source", str(tmp_path / "missing.cpp")], "no such file"),
-                               (["--base", "no-such-revision"], "git cannot show")]:
+                               (["--base", "no-such-revision"], "git cannot show"),
+                               (["--base-source", str(broken)], "building the base kernels")]:
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dwconv_versions.py"), *arguments,
                                "--quick"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
