@@ -64,7 +64,7 @@ fi
 # --- our CPU depthwise-convolution kernels: compiled once per machine (about 30 s) and cached; where they cannot be
 #     built the message says why and PyTorch's convolution is used
 echo "building the CPU depthwise-convolution kernels"
-python -m backbones.ops.cpu_depthwise || true
+python -m backbones.ops || true
 
 # --- the job
 if [ "$command" = demo ]; then

@@ -20,7 +20,7 @@ path.
 The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 30 s; g++, the
 Python headers and ninja are needed), for the CPU it runs on (``-march=native``), and cached under
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder named after the source's and the CPU's
-fingerprint, so a changed source or another CPU gets its own build. ``python -m backbones.ops.cpu_depthwise`` builds
+fingerprint, so a changed source or another CPU gets its own build. ``python -m backbones.ops`` builds
 it ahead of time (the quick-start script does). Where it cannot be built the backend reports why and the dispatcher
 uses PyTorch's convolution instead.
 """
@@ -223,7 +223,7 @@ def spatial_square_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    """Build the kernels now (``python -m backbones.ops.cpu_depthwise``) and check them against ``F.conv2d``."""
+    """Build the kernels now (``python -m backbones.ops``) and check them against ``F.conv2d``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
