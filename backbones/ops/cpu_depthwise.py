@@ -103,16 +103,12 @@ def extension(verbose: bool = False):
                 _FAILURE = f"cannot build the CPU depthwise kernels: {missing}"
             else:
                 try:
-                    _MODULE = _build(verbose)
+                    _MODULE = build_source(SOURCE, verbose)
                 except Exception as exc:  # a compiler error: said once, PyTorch's convolution is used instead
                     _FAILURE = f"building the CPU depthwise kernels failed ({type(exc).__name__}: {str(exc)[-500:]})"
         if _FAILURE is not None:
             raise RuntimeError(_FAILURE)
         return _MODULE
-
-
-def _build(verbose: bool):
-    return build_source(SOURCE, verbose)
 
 
 def build_source(source: Path, verbose: bool = False):

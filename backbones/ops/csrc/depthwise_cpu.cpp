@@ -249,10 +249,6 @@ struct KernelRows {
   int64_t first, last;
 };
 inline KernelRows kernel_rows(int64_t oh, int64_t H, int64_t K, int64_t dil, int64_t pad) {
-  if (dil == 1) {  // no divisions
-    const int64_t first = std::max<int64_t>(0, pad - oh), last = std::min<int64_t>(K, H + pad - oh);
-    return {std::min(first, last), last};
-  }
   const int64_t top = pad - oh;                // input row oh - pad + kh * dil >= 0  <=>  kh * dil >= top
   const int64_t first = top > 0 ? (top + dil - 1) / dil : 0;
   const int64_t bottom = H - 1 + pad - oh;     // ... <= H - 1  <=>  kh * dil <= bottom
