@@ -77,8 +77,8 @@ def reference_ops() -> Iterator[None]:
 
     Outside it (the default) a block at inference (no autograd, no tracing, on the CPU in float32, or in bfloat16
     where the CPU has it natively, bfloat16 autocast included) runs ``Linear1`` fused with GELU (oneDNN), then
-    either folds GRN's per-sample factor into ``Linear2``'s weights (deploy form, maps of at least ``4C`` pixels)
-    or applies GRN in place; GELU and GRN write over the block's own temporaries, and GRN's norm is a chunked sum
+    either folds GRN's per-sample factor into ``Linear2``'s weights (bfloat16 deploy form, maps of at least ``4C``
+    pixels) or applies GRN in place; SE, GELU and GRN write over the block's own temporaries, and GRN's norm is a sum
     of squares (that part in training too). Inside it every block runs
     ``SE -> Linear -> GELU -> GRN -> Linear`` as separate out-of-place ops with ``torch.linalg.vector_norm``: the
     reference the fast paths are tested against and the "plain" form the benchmark measures them against. Per

@@ -221,6 +221,12 @@ def _fused_dtypes() -> Tuple[torch.dtype, ...]:
 _FUSED_DTYPES = _fused_dtypes()
 
 
+# The deploy form folds GRN's factor into Linear2's weights (one batched matmul) in these dtypes, on maps of at least
+# _GRN_FOLD_RATIO pixels per channel; elsewhere GRN scales the map in place before one oneDNN Linear2 call
+_GRN_FOLD_DTYPES = (torch.bfloat16,)
+_GRN_FOLD_RATIO = 4
+
+
 # map dtypes of the one-call GRN and SE factors of our CPU kernels (float32 arithmetic either way)
 _ONE_CALL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -505,7 +511,9 @@ class UniRepLKNetBlock(nn.Module):
         if self._fuse_linears(y):
             # the residual add can ride on Linear2 where nothing comes between them (deploy form, no drop path)
             may_add = self.gamma is None and (isinstance(self.drop_path, nn.Identity) or not self.training)
-            y, added = self._fused_ffn(y, x if may_add else None)
+            # the map is the block's own temporary unless a hook on the depthwise conv or BN1 could have kept it
+            own = not any(m._forward_hooks for part in (self.dwconv, self.norm) for m in part.modules())
+            y, added = self._fused_ffn(y, x if may_add else None, own_input=own and y is not x)
             if added:
                 return y
         else:
@@ -541,24 +549,29 @@ class UniRepLKNetBlock(nn.Module):
                    *self.pwconv2)
         return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
-    def _fused_ffn(self, y: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
+    def _fused_ffn(self, y: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                   own_input: bool = False) -> Tuple[torch.Tensor, bool]:
         """``pwconv2(act(pwconv1(se(y))))`` without separate passes where they can be saved, in ``y``'s dtype, and
         whether ``residual`` (if given) was added to it: where ``Linear2`` runs as a oneDNN call on a channels-last
         ``residual`` of ``y``'s dtype, the add is its binary post-op (no separate pass over the map).
 
-        SE scales the ``C``-channel map, ``Linear1+GELU`` runs as one oneDNN call, and then, in the deploy form on
-        maps with at least ``4C`` pixels (the first two stages at 224 px), GRN's per-sample channel factor scales
-        ``Linear2``'s weights instead of the activations (one batched matmul with weights of ``B x C x 4C``), so no
-        multiply touches the ``(B, H, W, 4C)`` map; otherwise GRN runs in place and ``Linear2`` as one oneDNN call (on
-        smaller maps scaling the weights costs more than scaling the activations). The Linears' weights are kept in
-        oneDNN's layout between calls (:mod:`backbones.ops.prepacked`). Measured on 2 cores (AVX-512),
-        batch 16, float32: folding GRN into the weights took 16.3 against 17.5 ms on T's first stage; folding SE's
-        factor into ``Linear1``'s weights as well (a batched matmul, then GELU apart) took 31 against 22 ms for SE on
-        the map and the fused ``Linear1+GELU``, so SE is not folded; running the whole FFN one image at a time (so
-        one image's expanded map stays in the caches) measured the same as the batched calls, end to end (0.99x at
-        batch 16). Under bfloat16 autocast the weights are cast to bfloat16 here (autocast would cast them for its
-        Linears too) and GRN's factor as well, so the expanded map stays in bfloat16 (the module path promotes it to
-        float32 against GRN's float32 gamma)."""
+        SE scales the ``C``-channel map (in place when ``own_input`` says nothing else holds ``y``), ``Linear1+GELU``
+        runs as one oneDNN call, and then, in bfloat16 in the deploy form on maps with at least ``4C`` pixels (the
+        first two stages at 224 px), GRN's per-sample channel factor scales ``Linear2``'s weights instead of the
+        activations (one batched matmul with weights of ``B x C x 4C``), so no multiply touches the ``(B, H, W, 4C)``
+        map; otherwise GRN runs in place and ``Linear2`` as one oneDNN call. The Linears' weights are kept in oneDNN's
+        layout between calls (:mod:`backbones.ops.prepacked`).
+
+        Measured on 2 cores, batch 16, GRN and ``Linear2`` at T's first stage: on an Intel Xeon (AVX-512, AMX) the
+        fold took the same time as GRN in place in float32 and 4-5% less in bfloat16; on an AMD EPYC (AVX-512, where
+        the float32 batched matmul runs MKL's kernels, there at 0.72x oneDNN's rate on a square matmul) 39-41 against
+        24-25 ms in float32 (20-25 against 16-18 ms at the second stage), and the same in bfloat16. So float32 never
+        folds. Folding SE's factor into ``Linear1``'s weights as well (a batched matmul, then GELU apart) took 31
+        against 22 ms for SE on the map and the fused ``Linear1+GELU`` (Intel, float32), so SE is not folded; running
+        the whole FFN one image at a time (so one image's expanded map stays in the caches) measured the same as the
+        batched calls, end to end (0.99x at batch 16). Under bfloat16 autocast the weights are cast to bfloat16 here
+        (autocast would cast them for its Linears too) and GRN's factor as well, so the expanded map stays in bfloat16
+        (the module path promotes it to float32 against GRN's float32 gamma)."""
         linear1, linear2, grn = self.pwconv1[1], self.pwconv2[0], self.act[1]
         batch, channels, height, width = y.shape
         dtype = y.dtype
@@ -567,10 +580,11 @@ class UniRepLKNetBlock(nn.Module):
         with torch.autocast("cpu", enabled=False):
             bias1 = linear1.bias.to(dtype)
             bias2 = None if linear2.bias is None else linear2.bias.to(dtype)
-            y = y * se_scale
+            y = y.mul_(se_scale) if own_input else y * se_scale
             h = torch.ops.mkldnn._linear_pointwise(y.permute(0, 2, 3, 1), prepacked.linear_weight(
                 linear1.weight, rows, dtype), bias1, "gelu", [], "none")
-            if height * width >= 4 * channels and len(self.pwconv2) == 2 and not grn.use_bias and bias2 is not None:
+            if (dtype in _GRN_FOLD_DTYPES and height * width >= _GRN_FOLD_RATIO * channels and len(self.pwconv2) == 2
+                    and not grn.use_bias and bias2 is not None):
                 scaled2 = linear2.weight.to(dtype).unsqueeze(0) * grn.scale(h).to(dtype).view(batch, 1, -1)
                 out = torch.baddbmm(bias2.view(1, 1, channels), h.view(batch, height * width, -1),
                                     scaled2.transpose(1, 2))

@@ -84,6 +84,25 @@ def test_fused_path_is_what_inference_runs_and_is_skipped_for_hooks():
     assert relative_error(without_hook, expected) < FLOAT32_TOLERANCE
 
 
+def test_se_scales_the_depthwise_output_in_place_only_when_nothing_else_holds_it():
+    block = randomise_statistics(UniRepLKNetBlock(16, 7).eval())
+    block.reparameterize()
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with reference_ops():
+            expected = block(x)
+        assert relative_error(block(x), expected) < FLOAT32_TOLERANCE
+        kept = []
+        # a hook on the large kernel inside the reparameterised branch block, or on the block itself
+        for module in (block.dwconv.lk_origin, block.dwconv):
+            handle = module.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
+            assert relative_error(block(x), expected) < FLOAT32_TOLERANCE
+            handle.remove()
+    assert len(kept) == 2
+    for out, copy in kept:
+        assert torch.equal(out, copy), "a tensor a hook kept was overwritten"
+
+
 def test_training_gradients_match_reference_ops():
     model = _model().train()
     x = torch.randn(2, 3, 64, 64)
