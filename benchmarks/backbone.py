@@ -14,7 +14,8 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
 * then, after ``backbones.keep_freed_memory()`` (malloc keeps freed blocks for reuse; process-wide, so measured
   after everything above), every model again in each ``--keep-variants`` way (rows ``...+keep``) and training
   eager+keep (UniRepLKNet also eager+cl+keep). Peers get the allocator setting too: it is any process's to make;
-* the machine's float32 matrix-multiply rate: best of several 2048x2048 ``torch.mm`` at torch's thread count;
+* the machine's float32 matrix-multiply rate: best of several 2048x2048 products at torch's thread count, by the
+  faster here of ``torch.mm`` (PyTorch's BLAS, MKL) and oneDNN's matmul (on AMD CPUs MKL's is the slower one);
 * with ``--memory``: the peak memory of one training step of each ``--memory-models`` model at
   ``--memory-batch-size`` (default UniRepLKNet-T at 32), with and without gradient checkpointing, each in a fresh
   process: the process's peak resident memory during the step (``VmHWM``, reset through ``/proc/self/clear_refs``
@@ -75,6 +76,7 @@ except ImportError:  # running from a checkout without the package installed
 import timm
 
 from backbones.runtime import keep_freed_memory, reference_ops
+from dwconv import MATMUL_LIBRARIES, fastest_matmul, matmul_call  # noqa: E402
 
 UNIREPLKNET_MODELS = ("unireplknet_a", "unireplknet_t")
 PEER_MODELS = ("convnextv2_atto", "convnextv2_tiny", "convnext_tiny")
@@ -123,23 +125,30 @@ def cpu_features() -> str:
     return ", ".join(present) if present else "no AVX2"
 
 
+# the library each dtype's matrix multiply is timed with (set by main() and handed to the paired workers)
+MATMUL_LIBRARY = {}
+
+
 def matmul_step(size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
-    """One ``size x size`` ``torch.mm`` of random ``dtype`` matrices into a kept output (2 * size^3 FLOPs a call)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    out = torch.empty_like(a)
-    return lambda: torch.mm(a, b, out=out)
+    """One ``size x size`` product of random ``dtype`` matrices (2 * size^3 FLOPs a call) by the library of
+    :data:`MATMUL_LIBRARY` for ``dtype``, else the fastest of ``dwconv.MATMUL_LIBRARIES`` here (chosen once)."""
+    if dtype not in MATMUL_LIBRARY:
+        MATMUL_LIBRARY[dtype] = fastest_matmul(torch.device("cpu"), size, dtype)[0]
+    return matmul_call(MATMUL_LIBRARY[dtype], size, dtype)
 
 
 def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of-``repeats`` ``torch.mm`` rate in GFLOP/s (2 * size^3 FLOPs per product) in ``dtype``."""
-    step = matmul_step(size, dtype)
-    step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / 1e9 / best
+    """The machine's matrix-multiply rate in ``dtype``, GFLOP/s: the fastest of ``dwconv.MATMUL_LIBRARIES`` (best of
+    ``repeats`` products each); the library is kept in :data:`MATMUL_LIBRARY` for every later matmul here."""
+    library, rate = fastest_matmul(torch.device("cpu"), size, dtype, repeats)
+    MATMUL_LIBRARY[dtype] = library
+    return rate
+
+
+def matmul_fact(dtype: torch.dtype, rate: float) -> str:
+    return (f"{str(dtype).replace('torch.', '')} matmul rate: {rate:.1f} GFLOP/s (best of 5 {MATMUL_SIZE}x{MATMUL_SIZE} "
+            f"products by {MATMUL_LIBRARY[dtype]}, the faster here of {' and '.join(MATMUL_LIBRARIES)}; every "
+            "matmul timed below uses it)")
 
 
 def median_iteration_time(step: Callable[[], None], warmup: int, min_time: float, min_iters: int) -> float:
@@ -409,7 +418,7 @@ PEERS = {"unireplknet_a": "convnextv2_atto", "unireplknet_t": "convnextv2_tiny"}
 PAIRED_KEYS = (("default", "ours", "plain"), ("default", "ours", "eager+cl"), ("keep", "ours", "eager+cl"),
                ("default", "peer", "compiled+cl"), ("keep", "peer", "eager+cl"), ("keep", "peer", "compiled+cl"),
                ("keep", "matmul", "float32"))
-# "matmul": one MATMUL_SIZE torch.mm, timed in the same rounds, so "of matmul" is a per-round ratio that drift of
+# "matmul": one MATMUL_SIZE product (by MATMUL_LIBRARY's library), timed in the same rounds, so "of matmul" is a per-round ratio that drift of
 # the machine's speed does not skew
 # the bfloat16 check, all after keep_freed_memory(): our float32 eager+cl against our bfloat16 ways (the whole model
 # in bfloat16, as optimize_for_inference(dtype=torch.bfloat16) makes it, and float32 weights under bfloat16 autocast)
@@ -467,7 +476,9 @@ def paired_times(name: str, batch: int, args: argparse.Namespace, keys=PAIRED_KE
     for allocator in dict.fromkeys(key[0] for key in keys):
         workers[allocator] = subprocess.Popen(
             [sys.executable, __file__, "--paired-child", str(batch), str(args.image_size),
-             str(int(allocator == "keep"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             str(int(allocator == "keep")),
+             *(item for dtype, library in MATMUL_LIBRARY.items()
+               for item in ("--matmul-library", str(dtype).replace("torch.", ""), library))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if workers[allocator].stdout.readline().strip() != "ready":
             raise SystemExit(f"paired check: the {allocator} worker failed to start")
 
@@ -503,7 +514,7 @@ def paired_ratio(times: dict, slower, faster) -> float:
     return statistics.median(n / d for n, d in zip(times[slower], times[faster], strict=True))
 
 
-MATMUL_GFLOP = 2 * MATMUL_SIZE**3 / 1e9  # one torch.mm of the paired rounds
+MATMUL_GFLOP = 2 * MATMUL_SIZE**3 / 1e9  # one matmul of the paired rounds
 
 
 def paired_fraction(times: dict, key, gflop: float, matmul_key) -> float:
@@ -677,6 +688,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bf16-only", action="store_true", help="only the bfloat16 check")
     parser.add_argument("--paired-rounds", type=int, default=10, help="rounds of the paired check (default 10)")
     parser.add_argument("--paired-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--matmul-library", nargs=2, action="append", default=[], metavar=("DTYPE", "LIBRARY"),
+                        help=argparse.SUPPRESS)  # the parent's choice, handed to the paired workers
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--output", type=Path, help="write a Markdown section with the results to this file")
@@ -702,6 +715,8 @@ def main(argv=None) -> None:
         name, batch, size, checkpointing = args.memory_child
         memory_child(name, int(batch), int(size), bool(int(checkpointing)))
         return
+    for dtype, library in args.matmul_library:
+        MATMUL_LIBRARY[getattr(torch, dtype)] = library
     if args.paired_child:
         batch, size, keep = args.paired_child
         paired_child(int(batch), int(size), bool(int(keep)))
@@ -713,13 +728,13 @@ def main(argv=None) -> None:
         f"Machine: {machine}; {cpu_features()}",
         f"torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, "
         f"torch threads {torch.get_num_threads()} (default, not set)",
-        f"float32 matmul rate: {matmul_rate:.1f} GFLOP/s (best of 5 torch.mm {MATMUL_SIZE}x{MATMUL_SIZE})",
+        matmul_fact(torch.float32, matmul_rate),
     ]
     bf16 = args.bf16 or args.bf16_only
     bf16_matmul_rate = matmul_gflops(dtype=torch.bfloat16) if bf16 else float("nan")
     if bf16:
-        facts.append(f"bfloat16 matmul rate: {bf16_matmul_rate:.1f} GFLOP/s (best of 5 torch.mm "
-                     f"{MATMUL_SIZE}x{MATMUL_SIZE}; oneDNN bfloat16 native: {backbones.native_bfloat16()})")
+        facts.append(f"{matmul_fact(torch.bfloat16, bf16_matmul_rate)}; oneDNN bfloat16 native: "
+                     f"{backbones.native_bfloat16()}")
     print("\n".join(facts), flush=True)
 
     results: List[Result] = []
@@ -775,7 +790,7 @@ def main(argv=None) -> None:
             section += ["", "Paired check (UniRepLKNet deploy form plain and eager+cl, its ConvNeXt V2 peer "
                         "compiled+cl, in a default-allocator worker; both models' eager+cl and the peer's compiled+cl "
                         "in a keep_freed_memory() worker; all timed in strict alternation; ratios are medians of "
-                        "per-round ratios; \"of matmul\" divides by a torch.mm timed in the same rounds, whose median "
+                        "per-round ratios; \"of matmul\" divides by a matmul timed in the same rounds, whose median "
                         "rate is the last column):", "", paired]
         if train_paired:
             section += ["", "Paired training check (train form, AdamW step with cross-entropy: our plain step with "
@@ -788,7 +803,7 @@ def main(argv=None) -> None:
                         "our float32 eager+cl, our deploy form wholly in bfloat16 (`bf16+cl`, what "
                         "`optimize_for_inference(dtype=torch.bfloat16)` makes) and under bfloat16 autocast with "
                         "float32 weights (`autocast+cl`), the peer in bfloat16 eager, compiled and under autocast; "
-                        "ratios are medians of per-round ratios; \"of bf16 matmul\" divides by a bfloat16 torch.mm "
+                        "ratios are medians of per-round ratios; \"of bf16 matmul\" divides by a bfloat16 matmul "
                         "timed in the same rounds):", "", low]
         if memory:
             section += ["", "Training-step peak memory (one fresh process per row: peak resident memory during the "

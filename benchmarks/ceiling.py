@@ -8,12 +8,13 @@ and, with ``--bf16`` on a CPU with native bfloat16, wholly in bfloat16). In ever
   it: each block's ``Linear1`` (``C -> 4C``) and ``Linear2`` (``4C -> C``) as oneDNN calls on kept weights, with no
   post-op (the fast path fuses GELU, and adds the residual, into them), and each stem/downsampling convolution;
 * every depthwise convolution again on its own, through the dispatcher the blocks use;
-* a ``2048 x 2048`` ``torch.mm``: the machine's matrix-multiply rate in the same round.
+* a ``2048 x 2048`` matmul by the faster here of ``torch.mm`` and oneDNN's: the machine's matrix-multiply rate in
+  the same round.
 
 Per part: the time inside the model, its matrix multiplies alone, what ``Linear1``'s GELU epilogue adds to them,
 its depthwise convolutions alone, and the rest (GRN, SE, LayerNorm, the residual adds, layout and allocation: the
 part's time less the other three). FLOPs are counted from the shapes (a
-multiply-add is 2 FLOPs), as PyTorch's FLOP counter counts the same ops. "Of matmul" is a rate over the ``torch.mm``
+multiply-add is 2 FLOPs), as PyTorch's FLOP counter counts the same ops. "Of matmul" is a rate over the matmul
 rate of the same round, median over rounds.
 
 The last lines are ceilings: the fraction of the matmul rate the whole model would reach if everything but its matrix
@@ -47,7 +48,7 @@ from backbones.ops import prepacked
 from backbones.unireplknet import UniRepLKNet, UniRepLKNetBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backbone import MATMUL_SIZE, matmul_step  # noqa: E402
+from backbone import MATMUL_LIBRARY, MATMUL_SIZE, matmul_step  # noqa: E402
 from common import optimized_models, write_report  # noqa: E402
 
 MATMUL_GFLOP = 2 * MATMUL_SIZE**3 / 1e9
@@ -262,7 +263,10 @@ def main(argv=None) -> int:
                  "ceiling.py", argv, [
                      f"{args.image_size} px; {args.warmup} warm-up rounds, then {args.rounds} rounds, each: the whole "
                      f"model (parts timed inside it), every matrix multiply and depthwise convolution alone, a "
-                     f"{MATMUL_SIZE}x{MATMUL_SIZE} torch.mm; times are medians, fractions medians of per-round "
+                     f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul by "
+                     + ", ".join(f"{library} ({str(dtype).replace('torch.', '')})"
+                                 for dtype, library in MATMUL_LIBRARY.items())
+                     + " (the faster here of torch.mm and oneDNN's); times are medians, fractions medians of per-round "
                      "fractions",
                      "GEMM: the blocks' Linears and the stem/downsampling convolutions; GELU post-op: what Linear1's "
                      "GELU epilogue adds to them; rest: the part's time in the model less its GEMMs, their GELU and "

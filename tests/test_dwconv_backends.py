@@ -360,8 +360,9 @@ def test_cpu_direct_command_builds_and_checks_the_kernels():
     assert "RuntimeWarning" not in done.stderr  # (running the submodule itself as __main__ draws one)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 7, 80), (1, 14, 14, 1280), (3, 9, 11, 19), (1, 1, 1, 1), (2, 30, 30, 64)],
-                         ids=str)
+# the last two are over 8 MiB, which the kernel sums pixel row by pixel row (one image: in channel spans, with a tail)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 80), (1, 14, 14, 1280), (3, 9, 11, 19), (1, 1, 1, 1), (2, 30, 30, 64),
+                                   (2, 64, 64, 328), (1, 48, 48, 1000)], ids=str)
 def test_cpu_spatial_square_sum_matches_float64_with_its_gradient(shape):
     from backbones.ops.cpu_depthwise import spatial_square_sum
 

@@ -120,7 +120,17 @@ def test_depthwise_blocked_weight_is_kept_at_inference_and_follows_changes():
     assert relative_error(out.detach(), expected().detach()) < FLOAT32_TOLERANCE
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 7, 80), (1, 14, 14, 1280), (3, 5, 9, 19), (2, 1, 1, 3)])
+@pytest.mark.parametrize("shape", [(2, 7, 7, 80), (2, 64, 64, 520)], ids=str)  # the second: 8.5 MiB, summed by rows
+def test_one_call_grn_factor_of_a_bfloat16_map_sums_in_float32(shape):
+    gamma = torch.randn(1, 1, 1, shape[-1], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    g = torch.linalg.vector_norm(x.double(), dim=(1, 2), keepdim=True)
+    reference = gamma.double() * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)) + 1
+    ours = cpu_depthwise.grn_scale(x, gamma)
+    assert ours.dtype == torch.float32 and relative_error(ours.double(), reference) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 7, 80), (1, 14, 14, 1280), (3, 5, 9, 19), (2, 1, 1, 3), (1, 48, 48, 1000)])
 def test_one_call_grn_factor_matches_float64(shape):
     grn = GRNwithNHWC(shape[-1], use_bias=False)
     with torch.no_grad():

@@ -428,14 +428,23 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
 }
 
 // s (B, C) = sum over the P pixels of x (B, P, C), squared (GRN's norm) or not (SE's pooling), float32 or bfloat16
-// read as float32, in one pass with no temporary map. Each task
-// sums kSumVectors vectors of channels of one image; partial sums over kSumRun pixels are added to the total, so the
-// rounding error grows with P / kSumRun + kSumRun rather than with P.
+// read as float32, in one pass with no temporary map, in one of two orders. Partial sums over kSumRun pixels are
+// added to the total, so the rounding error grows with P / kSumRun + kSumRun rather than with P; each channel's
+// additions run in pixel order either way.
+// * By columns (maps that fit the caches): each task sums kSumVectors vectors of channels of one image over all its
+//   pixels, in registers.
+// * By rows (larger maps): each task sums a span of channels of one image (the spans as wide as leave every thread
+//   a few tasks) pixel row by pixel row, so it streams through contiguous memory, the running sums in a small
+//   buffer. On 2 cores (AMD EPYC, AVX-512), batch 16: 2.4 against 7.9 ms by columns at 56x56x320, whose strided
+//   reads get a fraction of the memory bandwidth, 0.80 against 1.58 ms at 28x28x640, 0.15 against 0.18 ms at
+//   14x14x1280 (16 MiB); at batch 1 (4 MiB and less, in the caches) columns took half the time of rows.
 constexpr int kSumVectors = 4;
 constexpr int64_t kSumRun = 64;
+constexpr int64_t kSumRowsFromBytes = 8 << 20;  // maps of at least this many bytes are summed by rows
+constexpr int64_t kSumTasksPerThread = 4;
 
 template <bool Square, typename T>
-void spatial_sum_impl(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
+void spatial_sum_columns(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
   const int64_t span = kSumVectors * kLanes;
   const int64_t groups = (C + span - 1) / span;
   at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
@@ -476,6 +485,48 @@ void spatial_sum_impl(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
       }
     }
   });
+}
+
+template <bool Square, typename T>
+void spatial_sum_rows(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
+  const int64_t vectors = C / kLanes;
+  int64_t spans = 1;  // channel spans per image, each a whole number of vectors (the last also takes the tail)
+  while (B * spans < kSumTasksPerThread * at::get_num_threads() && 2 * spans <= vectors) spans *= 2;
+  at::parallel_for(0, B * spans, 1, [&](int64_t begin, int64_t end) {
+    Buffer run(C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / spans, span = task % spans;
+      const int64_t v0 = vectors * span / spans, v1 = vectors * (span + 1) / spans;
+      const int64_t c0 = v0 * kLanes, cv = v1 * kLanes, c1 = span + 1 == spans ? C : cv;
+      const T* base = x + b * P * C;
+      float* total = out + b * C;
+      std::fill(total + c0, total + c1, 0.f);
+      for (int64_t p0 = 0; p0 < P; p0 += kSumRun) {
+        std::fill(run.data() + c0, run.data() + c1, 0.f);
+        const int64_t p1 = std::min(P, p0 + kSumRun);
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* px = base + p * C;
+          for (int64_t c = c0; c < cv; c += kLanes) {
+            const vec a = load_float(px + c);
+            store(run.data() + c, load(run.data() + c) + (Square ? a * a : a));
+          }
+          for (int64_t c = cv; c < c1; ++c) {  // the channel tail, one channel at a time
+            const float a = to_float(px[c]);
+            run[c] += Square ? a * a : a;
+          }
+        }
+        for (int64_t c = c0; c < c1; ++c) total[c] += run[c];
+      }
+    }
+  });
+}
+
+template <bool Square, typename T>
+void spatial_sum_impl(const T* x, float* out, int64_t B, int64_t P, int64_t C) {
+  if (B * P * C * static_cast<int64_t>(sizeof(T)) >= kSumRowsFromBytes)
+    spatial_sum_rows<Square>(x, out, B, P, C);
+  else
+    spatial_sum_columns<Square>(x, out, B, P, C);
 }
 
 // the sums over the P pixels of x (B, P, C), float32 or bfloat16, squared or not, into out (B, C) float32
