@@ -146,9 +146,9 @@ def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, dtype: torch.dtype 
 
 
 def matmul_fact(dtype: torch.dtype, rate: float) -> str:
-    return (f"{str(dtype).replace('torch.', '')} matmul rate: {rate:.1f} GFLOP/s (best of 5 {MATMUL_SIZE}x{MATMUL_SIZE} "
-            f"products by {MATMUL_LIBRARY[dtype]}, the faster here of {' and '.join(MATMUL_LIBRARIES)}; every "
-            "matmul timed below uses it)")
+    return (f"{str(dtype).replace('torch.', '')} matmul rate: {rate:.1f} GFLOP/s (best of 5 "
+            f"{MATMUL_SIZE}x{MATMUL_SIZE} products by {MATMUL_LIBRARY[dtype]}, the faster here of "
+            f"{' and '.join(MATMUL_LIBRARIES)}; every matmul timed below uses it)")
 
 
 def median_iteration_time(step: Callable[[], None], warmup: int, min_time: float, min_iters: int) -> float:
@@ -418,8 +418,8 @@ PEERS = {"unireplknet_a": "convnextv2_atto", "unireplknet_t": "convnextv2_tiny"}
 PAIRED_KEYS = (("default", "ours", "plain"), ("default", "ours", "eager+cl"), ("keep", "ours", "eager+cl"),
                ("default", "peer", "compiled+cl"), ("keep", "peer", "eager+cl"), ("keep", "peer", "compiled+cl"),
                ("keep", "matmul", "float32"))
-# "matmul": one MATMUL_SIZE product (by MATMUL_LIBRARY's library), timed in the same rounds, so "of matmul" is a per-round ratio that drift of
-# the machine's speed does not skew
+# "matmul": one MATMUL_SIZE product (by MATMUL_LIBRARY's library), timed in the same rounds, so "of matmul" is a
+# per-round ratio that drift of the machine's speed does not skew
 # the bfloat16 check, all after keep_freed_memory(): our float32 eager+cl against our bfloat16 ways (the whole model
 # in bfloat16, as optimize_for_inference(dtype=torch.bfloat16) makes it, and float32 weights under bfloat16 autocast)
 # and the peer's bfloat16 ways
@@ -478,7 +478,8 @@ def paired_times(name: str, batch: int, args: argparse.Namespace, keys=PAIRED_KE
             [sys.executable, __file__, "--paired-child", str(batch), str(args.image_size),
              str(int(allocator == "keep")),
              *(item for dtype, library in MATMUL_LIBRARY.items()
-               for item in ("--matmul-library", str(dtype).replace("torch.", ""), library))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for item in ("--matmul-library", str(dtype).replace("torch.", ""), library))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if workers[allocator].stdout.readline().strip() != "ready":
             raise SystemExit(f"paired check: the {allocator} worker failed to start")
 

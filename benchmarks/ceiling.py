@@ -49,6 +49,7 @@ from backbones.unireplknet import UniRepLKNet, UniRepLKNetBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone import MATMUL_LIBRARY, MATMUL_SIZE, matmul_step  # noqa: E402
+from dwconv import MATMUL_LIBRARIES  # noqa: E402
 from common import optimized_models, write_report  # noqa: E402
 
 MATMUL_GFLOP = 2 * MATMUL_SIZE**3 / 1e9
@@ -266,8 +267,8 @@ def main(argv=None) -> int:
                      f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul by "
                      + ", ".join(f"{library} ({str(dtype).replace('torch.', '')})"
                                  for dtype, library in MATMUL_LIBRARY.items())
-                     + " (the faster here of torch.mm and oneDNN's); times are medians, fractions medians of per-round "
-                     "fractions",
+                     + f" (the faster here of {' and '.join(MATMUL_LIBRARIES)}); times are medians, fractions medians "
+                     "of per-round fractions",
                      "GEMM: the blocks' Linears and the stem/downsampling convolutions; GELU post-op: what Linear1's "
                      "GELU epilogue adds to them; rest: the part's time in the model less its GEMMs, their GELU and "
                      "its depthwise convolutions alone (GRN, SE, LayerNorm, residual adds, layout, allocation)"], [*lines, "", "Ceilings:", "", *ceilings], begin, args.output)

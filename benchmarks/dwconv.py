@@ -68,7 +68,7 @@ def matmul_call(library: str, size: int = 2048, dtype: torch.dtype = torch.float
     where it is not available: ``"torch.mm"`` is PyTorch's BLAS (MKL in the x86 wheels, cuBLAS on CUDA) into a kept
     output; ``"oneDNN"`` (CPU) is oneDNN's matmul on a weight reordered for it, the call our fast path and
     ``torch.compile``'s CPU backend make for a Linear. On AMD CPUs MKL does not run its best kernels (there it
-    measured 0.72x oneDNN's float32 rate), so ``torch.mm`` alone would understate the machine."""
+    measured 0.72-0.85x oneDNN's float32 rate), so ``torch.mm`` alone would understate the machine."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     if library == "torch.mm":
@@ -87,8 +87,8 @@ def matmul_call(library: str, size: int = 2048, dtype: torch.dtype = torch.float
     return lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
 
 
-def fastest_matmul(device: torch.device = torch.device("cpu"), size: int = 2048, dtype: torch.dtype = torch.float32,
-                   repeats: int = 5) -> Tuple[str, float]:
+def fastest_matmul(device: torch.device = torch.device("cpu"), size: int = 2048,
+                   dtype: torch.dtype = torch.float32, repeats: int = 5) -> Tuple[str, float]:
     """The library of :data:`MATMUL_LIBRARIES` whose ``size x size`` product in ``dtype`` is fastest here, and its
     rate in GFLOP/s: after a warm-up call of each, ``repeats`` rounds of one call of each in turn (so drift of the
     machine's speed hits them alike), each library's best call."""
@@ -106,11 +106,6 @@ def fastest_matmul(device: torch.device = torch.device("cpu"), size: int = 2048,
             best[library] = min(best[library], time.perf_counter() - start)
     library = min(best, key=best.get)
     return library, 2 * size**3 / best[library] / 1e9
-
-
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matrix-multiply rate in GFLOP/s: the faster of :data:`MATMUL_LIBRARIES`."""
-    return fastest_matmul(device, size, torch.float32, repeats)[1]
 
 
 def time_call(step: Callable[[], None], device, min_time: float, max_call: float, give_up_after: float) -> float:
