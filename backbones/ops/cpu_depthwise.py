@@ -15,7 +15,8 @@ not bit for bit.
 
 The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass, and at inference
 GRN's whole channel factor (:func:`grn_scale`) and squeeze-and-excitation's (:func:`se_scale`), for the blocks' fast
-path.
+path, and the stem's and downsampling layers' LayerNorm over channels, with the GELU after it where there is one
+(:func:`layer_norm_channels_last`).
 
 The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 30 s; g++, the
 Python headers and ninja are needed), for the CPU it runs on (``-march=native``), and cached under
@@ -44,8 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .prepacked import kept_copy
 
 __all__ = [
-    "cpu_direct_depthwise_conv2d", "build_source", "extension", "grn_scale", "se_scale", "spatial_square_sum",
-    "unavailable_reason", "SOURCE",
+    "cpu_direct_depthwise_conv2d", "build_source", "extension", "grn_scale", "layer_norm_channels_last", "se_scale",
+    "spatial_square_sum", "unavailable_reason", "SOURCE",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
@@ -65,9 +66,17 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
+def _flags() -> list:
+    """The compiler flags the kernels are built with (for this CPU: ``-march=native``; errno is not set by the math
+    functions, so loops over ``sqrt`` vectorise)."""
+    native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
+    return ["-O3", "-fno-math-errno", "-fopenmp", native]
+
+
 def _build_name(source: Path = SOURCE) -> str:
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    digest.update(" ".join(_flags()).encode())
     digest.update(_cpu_fingerprint().encode())
     digest.update(torch.__version__.encode())
     return f"uniperception_depthwise_cpu_{digest.hexdigest()[:16]}"
@@ -119,8 +128,7 @@ def build_source(source: Path, verbose: bool = False):
 
     name = _build_name(source)
     _LOG.info("compiling the CPU depthwise-convolution kernels (%s, once per machine, about 30 s)", name)
-    flags = ["-O3", "-fopenmp", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
-    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=verbose)
+    return load(name=name, sources=[str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -210,6 +218,15 @@ def se_scale(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor
     ``(R, C, 1, 1)`` and ``(C, R, 1, 1)`` (or the same as matrices), in one call (float32 arithmetic, rounded once to
     the map's and weights' promoted dtype); not differentiable (inference)."""
     return extension().se_scale(x, down_weight, down_bias, up_weight, up_bias)
+
+
+def layer_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                             gelu: bool = False) -> torch.Tensor:
+    """LayerNorm over the channels of a float32 or bfloat16 CPU map ``(B, C, H, W)`` (channels-last memory avoids a
+    copy) with a ``weight`` and ``bias`` of ``C`` values, followed by the exact (erf) GELU where ``gelu``, in one call:
+    the same shape, channels-last memory, in ``x``'s dtype (float32 arithmetic, rounded once); not differentiable
+    (inference). The GELU's erf is a polynomial approximation with an absolute error of at most 1.5e-7."""
+    return extension().layer_norm_channels_last(x, weight, bias, float(eps), bool(gelu))
 
 
 def spatial_square_sum(x: torch.Tensor) -> torch.Tensor:
