@@ -18,6 +18,16 @@ needs_kernels = pytest.mark.skipif(cpu_depthwise.unavailable_reason() is not Non
                                    reason=str(cpu_depthwise.unavailable_reason()))
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The ``gelu`` argument of every call the model code makes to the norm kernel, in order."""
+    calls = []
+    monkeypatch.setattr(unireplknet, "layer_norm_channels_last",
+                        lambda *args, **kwargs: calls.append(kwargs.get("gelu", False))
+                        or cpu_depthwise.layer_norm_channels_last(*args, **kwargs))
+    return calls
+
+
 def _reference(x, weight, bias, eps, gelu):
     """PyTorch's LayerNorm over channels (then exact GELU) in float64."""
     y = F.layer_norm(x.double().permute(0, 2, 3, 1), (x.shape[1],), weight.double(), bias.double(), eps)
@@ -94,11 +104,7 @@ def test_norm_kernel_of_an_empty_batch_and_what_it_refuses():
 
 
 @needs_kernels
-def test_layer_norm_module_takes_the_kernel_only_at_inference_on_channels_last_maps(monkeypatch):
-    calls = []
-    monkeypatch.setattr(unireplknet, "layer_norm_channels_last",
-                        lambda *args, **kwargs: calls.append(kwargs.get("gelu", False))
-                        or cpu_depthwise.layer_norm_channels_last(*args, **kwargs))
+def test_layer_norm_module_takes_the_kernel_only_at_inference_on_channels_last_maps(kernel_calls):
     norm = LayerNorm2d(20, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_()
@@ -107,28 +113,24 @@ def test_layer_norm_module_takes_the_kernel_only_at_inference_on_channels_last_m
     expected = _reference(x, norm.weight, norm.bias, 1e-6, False)
     with torch.no_grad():
         assert relative_error(norm(x).double(), expected) < FLOAT32_TOLERANCE
-        assert calls == [False]
+        assert kernel_calls == [False]
         norm(x.contiguous())  # NCHW: PyTorch's op
         with reference_ops():
             norm(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             norm(x)
-        assert calls == [False]
+        assert kernel_calls == [False]
         wide = LayerNorm2d(unireplknet._NORM_KERNEL_MAX_CHANNELS + 16)
         wide(torch.randn(1, wide.weight.numel(), 3, 3).contiguous(memory_format=torch.channels_last))
-        assert calls == [False], "LayerNorm alone on wide maps runs PyTorch's op"
+        assert kernel_calls == [False], "LayerNorm alone on wide maps runs PyTorch's op"
     out = norm(x)  # a graph to record: PyTorch's op, with gradients
-    assert calls == [False] and out.requires_grad
+    assert kernel_calls == [False] and out.requires_grad
     out.sum().backward()
     assert norm.weight.grad is not None
 
 
 @needs_kernels
-def test_stem_runs_norm_and_gelu_in_one_call_unless_hooked(monkeypatch):
-    calls = []
-    monkeypatch.setattr(unireplknet, "layer_norm_channels_last",
-                        lambda *args, **kwargs: calls.append(kwargs.get("gelu", False))
-                        or cpu_depthwise.layer_norm_channels_last(*args, **kwargs))
+def test_stem_runs_norm_and_gelu_in_one_call_unless_hooked(kernel_calls):
     model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=0).eval())
     stem = model.downsample_layers[0]
     assert isinstance(stem, DownsampleLayer) and isinstance(stem[1], LayerNorm2d)
@@ -138,13 +140,13 @@ def test_stem_runs_norm_and_gelu_in_one_call_unless_hooked(monkeypatch):
         with reference_ops():
             expected = stem(x)
         assert relative_error(stem(x), expected) < FLOAT32_TOLERANCE
-        assert calls == [True, False]  # LayerNorm+GELU, then the second LayerNorm
+        assert kernel_calls == [True, False]  # LayerNorm+GELU, then the second LayerNorm
         seen = []
         handle = stem[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
         hooked = stem(x)
         handle.remove()
     assert seen == [torch.Size([2, 20, 16, 16])], "a hooked GELU runs as a module"
-    assert calls == [True, False, False, False]
+    assert kernel_calls == [True, False, False, False]
     assert relative_error(hooked, expected) < FLOAT32_TOLERANCE
 
 
