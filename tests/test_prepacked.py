@@ -178,6 +178,57 @@ def test_one_call_grn_factor_refuses_what_it_cannot_compute():
         cpu_depthwise.grn_scale(torch.randn(2, 3, 3, 4), torch.zeros(5))
 
 
+# channel counts that fill whole vectors (80, 320), leave a tail (19, 40) or are a single one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 7, 80), (3, 5, 9, 19), (1, 1, 1, 1), (2, 12, 12, 40), (4, 14, 14, 320)],
+                         ids=str)
+def test_channel_scale_kernel_makes_the_same_products_as_pytorch(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    scale = (torch.rand(shape[0], 1, 1, shape[-1]) + 0.5).to(dtype)
+    expected = x * scale
+    ours = x.clone()
+    assert cpu_depthwise.channel_scale_(ours, scale) is ours  # in place
+    assert torch.equal(ours, expected)
+    # SE's (B, C, 1, 1) factor of the same values; a float32 factor of a bfloat16 map is rounded to bfloat16 first
+    again = x.clone()
+    cpu_depthwise.channel_scale_(again, scale.float().view(shape[0], shape[-1], 1, 1))
+    assert torch.equal(again, expected)
+
+
+def test_channel_scale_kernel_keeps_nan_and_inf_and_refuses_what_it_cannot_compute():
+    x = torch.tensor([[[[1.0, float("nan"), float("inf"), -2.0]]]])
+    cpu_depthwise.channel_scale_(x, torch.tensor([2.0, 3.0, -1.0, 0.5]))
+    assert torch.allclose(x, torch.tensor([[[[2.0, float("nan"), float("-inf"), -1.0]]]]), rtol=0, atol=0,
+                          equal_nan=True)
+    with pytest.raises(RuntimeError, match="contiguous float32 or bfloat16 CPU map"):
+        cpu_depthwise.channel_scale_(torch.randn(2, 3, 3, 4, dtype=torch.float64), torch.ones(8))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_depthwise.channel_scale_(torch.randn(2, 4, 3, 3).permute(0, 2, 3, 1), torch.ones(8))
+    with pytest.raises(RuntimeError, match="B \\* C values expected, got 7 for 8"):
+        cpu_depthwise.channel_scale_(torch.randn(2, 3, 3, 4), torch.ones(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_blocks_scale_by_grn_and_se_in_one_call_with_the_same_outputs(dtype, monkeypatch):
+    if dtype == torch.bfloat16 and torch.bfloat16 not in unireplknet._FUSED_DTYPES:
+        pytest.skip("no native bfloat16 on this CPU: the blocks do not fuse bfloat16 maps")
+    model = optimize_for_inference(randomise_statistics(timm.create_model("unireplknet_a", num_classes=10), seed=3),
+                                   dtype=None if dtype == torch.float32 else dtype, keep_memory=False)
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    monkeypatch.setattr(unireplknet, "channel_scale_",
+                        lambda rows, scale: calls.append(rows.shape) or cpu_depthwise.channel_scale_(rows, scale))
+    with torch.no_grad():
+        ours = model(x)
+        monkeypatch.setattr(unireplknet, "_CHANNEL_SCALE_KERNEL", False)
+        theirs = model(x)
+    assert torch.equal(ours, theirs), "the kernel makes PyTorch's products"
+    blocks = sum(len(stage) for stage in model.stages)
+    # at least SE's factor in every block, and GRN's wherever it is not folded into Linear2's weights
+    assert len(calls) > blocks
+    assert all(len(shape) == 4 for shape in calls)
+
+
 @pytest.mark.parametrize("batch, one_call", [(3, True), (8, False)])  # small batches: one call of our kernels
 def test_se_at_inference_matches_its_convolutions_and_respects_hooks(batch, one_call, monkeypatch):
     se = SEBlock(24, 6)

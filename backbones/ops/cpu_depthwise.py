@@ -14,9 +14,9 @@ Results are float32 sums in a different order than oneDNN's, so they agree with 
 not bit for bit.
 
 The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass, and at inference
-GRN's whole channel factor (:func:`grn_scale`) and squeeze-and-excitation's (:func:`se_scale`), for the blocks' fast
-path, and the stem's and downsampling layers' LayerNorm over channels, with the GELU after it where there is one
-(:func:`layer_norm_channels_last`).
+GRN's whole channel factor (:func:`grn_scale`) and squeeze-and-excitation's (:func:`se_scale`) and the multiply of a
+map by either (:func:`channel_scale_`), for the blocks' fast path, and the stem's and downsampling layers' LayerNorm
+over channels, with the GELU after it where there is one (:func:`layer_norm_channels_last`).
 
 The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 30 s; g++, the
 Python headers and ninja are needed), for the CPU it runs on (``-march=native``), and cached under
@@ -45,8 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .prepacked import kept_copy
 
 __all__ = [
-    "cpu_direct_depthwise_conv2d", "build_source", "extension", "grn_scale", "layer_norm_channels_last", "se_scale",
-    "spatial_square_sum", "unavailable_reason", "SOURCE",
+    "channel_scale_", "cpu_direct_depthwise_conv2d", "build_source", "extension", "grn_scale",
+    "layer_norm_channels_last", "se_scale", "spatial_square_sum", "unavailable_reason", "SOURCE",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
@@ -218,6 +218,13 @@ def se_scale(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor
     ``(R, C, 1, 1)`` and ``(C, R, 1, 1)`` (or the same as matrices), in one call (float32 arithmetic, rounded once to
     the map's and weights' promoted dtype); not differentiable (inference)."""
     return extension().se_scale(x, down_weight, down_bias, up_weight, up_bias)
+
+
+def channel_scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x.mul_(scale.to(x.dtype))`` for a contiguous float32 or bfloat16 CPU map ``x`` ``(B, H, W, C)`` and a
+    per-sample channel factor of ``B * C`` values (``(B, 1, 1, C)``, GRN's and SE's), in one call of our kernels, the
+    same products (float32 arithmetic, one rounding for bfloat16); returns ``x``; not differentiable (inference)."""
+    return extension().channel_scale_(x, scale)
 
 
 def layer_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,

@@ -878,6 +878,47 @@ torch::Tensor layer_norm_channels_last(torch::Tensor x, torch::Tensor weight, to
   return y.permute({0, 3, 1, 2});
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// A per-sample channel factor applied in place: x (B, P, C) in memory, float32 or bfloat16, times s (B, C) in float32
+// (one rounding for bfloat16, as PyTorch's multiply of two bfloat16 tensors rounds). GRN's and SE's factors at
+// inference: a row of C values times its sample's C factors, split over rows. PyTorch's broadcasting multiply of a
+// bfloat16 (B, H, W, C) map by a (B, 1, 1, C) factor took 2.6 ms where this takes 1.9 (56x56x320, batch 16, 2 cores,
+// Intel Xeon); in float32 the two take the same time.
+constexpr int64_t kScaleGrain = 1 << 15;  // at least this many elements per task
+
+template <typename T>
+void channel_scale_impl(T* x, const float* s, int64_t B, int64_t P, int64_t C) {
+  at::parallel_for(0, B * P, std::max<int64_t>(1, kScaleGrain / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* px = x + r * C;
+      const float* f = s + (r / P) * C;
+      int64_t c = 0;
+      for (; c + kLanes <= C; c += kLanes) store_vec(px + c, load_float(px + c) * load(f + c));
+      for (; c < C; ++c) store_one(px + c, to_float(px[c]) * f[c]);
+    }
+  });
+}
+
+// x (B, H, W, C) contiguous, float32 or bfloat16, times scale ((B, 1, 1, C) or any shape of B * C values, rounded to
+// x's dtype first, as x.mul_(scale.to(x.dtype)) would use it), in place; returns x
+torch::Tensor channel_scale_(torch::Tensor x, torch::Tensor scale) {
+  TORCH_CHECK(x.device().is_cpu() && float_or_bfloat16(x) && x.dim() == 4 && x.is_contiguous(),
+              "channel_scale_: a contiguous float32 or bfloat16 CPU map (B, H, W, C) expected");
+  const int64_t B = x.size(0), P = x.size(1) * x.size(2), C = x.size(3);
+  TORCH_CHECK(scale.device().is_cpu() && scale.is_floating_point() && scale.numel() == B * C,
+              "channel_scale_: a floating factor of B * C values expected, got ", scale.numel(), " for ", B * C);
+  auto sf = scale.detach().to(x.scalar_type()).to(torch::kFloat32).contiguous();
+  {
+    pybind11::gil_scoped_release release;
+    if (x.scalar_type() == torch::kBFloat16)
+      channel_scale_impl(reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()), sf.data_ptr<float>(), B, P, C);
+    else
+      channel_scale_impl(x.data_ptr<float>(), sf.data_ptr<float>(), B, P, C);
+  }
+  return x;
+}
+
 // x (B, C, H, W) in float32 or bfloat16 on the CPU, an odd kernel size K, dilation >= 1
 void check(const torch::Tensor& x, int64_t K, int64_t dilation) {
   TORCH_CHECK(dilation >= 1, "depthwise_cpu: dilation must be at least 1");
@@ -969,5 +1010,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grn_scale", &grn_scale, "GRN's channel factor gamma * N + 1 (B, 1, 1, C) of a (B, H, W, C) map");
   m.def("layer_norm_channels_last", &layer_norm_channels_last,
         "LayerNorm over the channels of a channels-last (B, C, H, W) map, then GELU where asked");
+  m.def("channel_scale_", &channel_scale_, "a (B, H, W, C) map times a per-sample channel factor, in place");
   m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
 }
