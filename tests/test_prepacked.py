@@ -178,10 +178,11 @@ def test_one_call_grn_factor_refuses_what_it_cannot_compute():
         cpu_depthwise.grn_scale(torch.randn(2, 3, 3, 4), torch.zeros(5))
 
 
-# channel counts that fill whole vectors (80, 320), leave a tail (19, 40) or are a single one
+# channel counts that fill whole vectors (80, 320), leave a tail (19, 24, 40) or are a single one; the (3, 45, 45, 24)
+# map is split into tasks that cross from one sample to the next, and ends in a partial run of its repeated factors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 7, 7, 80), (3, 5, 9, 19), (1, 1, 1, 1), (2, 12, 12, 40), (4, 14, 14, 320)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 7, 80), (3, 5, 9, 19), (1, 1, 1, 1), (2, 12, 12, 40), (4, 14, 14, 320),
+                                   (3, 45, 45, 24)], ids=str)
 def test_channel_scale_kernel_makes_the_same_products_as_pytorch(shape, dtype):
     x = torch.randn(shape).to(dtype)
     scale = (torch.rand(shape[0], 1, 1, shape[-1]) + 0.5).to(dtype)

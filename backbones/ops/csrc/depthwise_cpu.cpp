@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <new>
 #include <vector>
 
@@ -888,14 +889,35 @@ constexpr int64_t kScaleGrain = 1 << 15;  // at least this many elements per tas
 
 template <typename T>
 void channel_scale_impl(T* x, const float* s, int64_t B, int64_t P, int64_t C) {
-  at::parallel_for(0, B * P, std::max<int64_t>(1, kScaleGrain / std::max<int64_t>(C, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      T* px = x + r * C;
-      const float* f = s + (r / P) * C;
-      int64_t c = 0;
-      for (; c + kLanes <= C; c += kLanes) store_vec(px + c, load_float(px + c) * load(f + c));
-      for (; c < C; ++c) store_one(px + c, to_float(px[c]) * f[c]);
+  if (C % kLanes == 0) {
+    at::parallel_for(0, B * P, std::max<int64_t>(1, kScaleGrain / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* px = x + r * C;
+        const float* f = s + (r / P) * C;
+        for (int64_t c = 0; c < C; c += kLanes) store_vec(px + c, load_float(px + c) * load(f + c));
+      }
+    });
+    return;
+  }
+  // C values a row that do not fill whole vectors (A's 40 channels): a sample's P * C values are read as one run,
+  // against its factors repeated over the least common multiple of C and the vector width, so that every load and
+  // store is a whole vector but at the sample's end
+  const int64_t period = C / std::gcd(C, static_cast<int64_t>(kLanes)) * kLanes;
+  const int64_t total = P * C, periods = (total + period - 1) / period;
+  at::parallel_for(0, B * periods, std::max<int64_t>(1, kScaleGrain / period), [&](int64_t begin, int64_t end) {
+    Buffer pattern(period);
+    int64_t filled = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / periods, k = task % periods;
+      if (b != filled) {
+        for (int64_t i = 0; i < period; ++i) pattern[i] = s[b * C + i % C];
+        filled = b;
+      }
+      T* run = x + b * total + k * period;
+      const int64_t n = std::min(period, total - k * period);
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes) store_vec(run + i, load_float(run + i) * load(pattern.data() + i));
+      for (; i < n; ++i) store_one(run + i, to_float(run[i]) * pattern[i]);
     }
   });
 }
