@@ -45,6 +45,7 @@ from .ops.cpu_depthwise import channel_scale_, cpu_direct_depthwise_conv2d, grn_
 from .ops.cpu_depthwise import se_scale, spatial_square_sum
 from .ops.cpu_depthwise import unavailable_reason as cpu_kernels_unavailable
 from .ops.depthwise import _effective_dtype, _tracing
+from .ops.policy import cpu_isa
 from .ops.prepacked import PrepackedConv2d
 from .runtime import fast_ops_enabled, native_bfloat16
 
@@ -292,6 +293,11 @@ def _spatial_l2_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 _CHANNEL_SCALE_KERNEL = True
+# Our per-pixel map kernels (the channel factors' multiply, the LayerNorm) hold 16 floats a vector: one register with
+# AVX-512, where they were measured faster than PyTorch's ops. Elsewhere (AVX2, 2 cores, AMD EPYC, batch 16) the
+# LayerNorm ran 2-4x slower than PyTorch's (56x56x80: 7.3 against 2.4 ms, with GELU 13.9 against 5.0) and the
+# multiply at PyTorch's speed, so there PyTorch's ops run.
+_MAP_KERNELS = cpu_isa() == "AVX512"
 
 
 def _scale_channels(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -301,9 +307,9 @@ def _scale_channels(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     tensor, PyTorch's multiply otherwise (the same products). Measured on 2 cores (Intel Xeon, AVX-512), batch 16, in
     alternation: a bfloat16 56x56x320 map 1.9 against 2.6 ms for PyTorch's multiply, float32 the same; end to end in
     bfloat16 T 1.04x and A 1.02x, in float32 within 1%."""
-    if (_CHANNEL_SCALE_KERNEL and rows.dtype in _ONE_CALL_DTYPES and rows.device.type == "cpu" and rows.dim() == 4
-            and rows.is_contiguous() and scale.numel() == rows.shape[0] * rows.shape[-1] and not _tracing()
-            and cpu_kernels_unavailable() is None):
+    if (_CHANNEL_SCALE_KERNEL and _MAP_KERNELS and rows.dtype in _ONE_CALL_DTYPES and rows.device.type == "cpu"
+            and rows.dim() == 4 and rows.is_contiguous() and scale.numel() == rows.shape[0] * rows.shape[-1]
+            and not _tracing() and cpu_kernels_unavailable() is None):
         return channel_scale_(rows, scale)
     return rows.mul_(scale.reshape(rows.shape[0], 1, 1, rows.shape[-1]).to(rows.dtype))
 
@@ -369,13 +375,14 @@ class LayerNorm2d(_TimmLayerNorm2d):
     (:func:`backbones.ops.cpu_depthwise.layer_norm_channels_last`, float32 arithmetic) where that measured faster
     than PyTorch's ``layer_norm``: up to :data:`_NORM_KERNEL_MAX_CHANNELS` channels, or with the GELU after it
     (:meth:`forward_gelu`, which :class:`DownsampleLayer` calls for the stem's LayerNorm and GELU). PyTorch's own op
-    runs inside :func:`backbones.runtime.reference_ops`, under autocast, when tracing, and when a gradient is
-    recorded."""
+    runs inside :func:`backbones.runtime.reference_ops`, under autocast, when tracing, when a gradient is recorded,
+    and on CPUs without AVX-512 (where the kernel measured slower)."""
 
     def one_call(self, x: torch.Tensor, gelu: bool = False) -> bool:
         """Whether ``x`` is normalised (and passed through GELU, with ``gelu``) by one call of our CPU kernels."""
         weight, bias = self.weight, self.bias
-        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _ONE_CALL_DTYPES and weight is not None
+        return (_MAP_KERNELS and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _ONE_CALL_DTYPES
+                and weight is not None
                 and bias is not None and weight.dtype == x.dtype and bias.dtype == x.dtype
                 and (gelu or x.shape[1] <= _NORM_KERNEL_MAX_CHANNELS)
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))

@@ -30,7 +30,9 @@ What is measured, all in one process so the numbers sit side by side (224 px, fl
   eager+cl against its deploy form wholly in bfloat16 (``bf16+cl``: what
   ``backbones.optimize_for_inference(model, dtype=torch.bfloat16)`` makes) and under bfloat16 autocast
   (``autocast+cl``), and its ConvNeXt V2 peer in bfloat16 eager, compiled and under autocast, with the fraction of
-  the measured bfloat16 matrix-multiply rate. Meaningful on CPUs with native bfloat16 (AVX-512 BF16 or AMX).
+  the measured bfloat16 matrix-multiply rate. Run on CPUs with native bfloat16 (AVX-512 BF16 or AMX); elsewhere
+  oneDNN emulates bfloat16 tens of times slower than float32, so the check is skipped and the report says why
+  (``--bf16-emulated`` runs it anyway).
 
 For each row: achieved GFLOP/s = forward FLOPs per image x images/s / 1e9 (training: 3x forward), and its fraction
 of the matmul rate. Forward FLOPs are counted per model form by ``torch.utils.flop_counter.FlopCounterMode`` on one
@@ -143,6 +145,11 @@ def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, dtype: torch.dtype 
     library, rate = fastest_matmul(torch.device("cpu"), size, dtype, repeats)
     MATMUL_LIBRARY[dtype] = library
     return rate
+
+
+def rate_text(gflops: float) -> str:
+    """A GFLOP/s figure for a table: whole numbers, but two significant digits below 10 (emulated bfloat16)."""
+    return f"{gflops:.0f}" if gflops >= 10 else f"{gflops:.2g}"
 
 
 def matmul_fact(dtype: torch.dtype, rate: float) -> str:
@@ -561,7 +568,7 @@ def paired_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
                          f"{speed['default', 'ours', 'eager+cl']:.1f}", f"{speed['keep', 'ours', 'eager+cl']:.1f}",
                          paired_label(ours), f"{over_plain:.2f}x", f"{fraction:.1%}", peer, paired_label(theirs),
                          f"{speed[theirs]:.1f}", f"{over_peer:.2f}x",
-                         f"{paired_matmul_rate(times, ('keep', 'matmul', 'float32')):.0f}"])
+                         rate_text(paired_matmul_rate(times, ('keep', 'matmul', 'float32')))])
             print(f"  {name:<16} paired, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
             variant = f"UniRepLKNet-{name[-1].upper()}"
             if batch == max(args.batch_sizes):
@@ -626,7 +633,7 @@ def bf16_table(args: argparse.Namespace) -> Tuple[str, List[str]]:
                          paired_label(ours), f"{over_fp32:.2f}x", f"{autocast_over_fp32:.2f}x",
                          f"{paired_fraction(times, ours, batch * gflops, ('keep', 'matmul', 'bfloat16')):.1%}", peer,
                          paired_label(theirs), f"{speed[theirs]:.1f}", f"{over_peer:.2f}x",
-                         f"{paired_matmul_rate(times, ('keep', 'matmul', 'bfloat16')):.0f}"])
+                         rate_text(paired_matmul_rate(times, ('keep', 'matmul', 'bfloat16')))])
             print(f"  {name:<16} bfloat16, batch {batch}: " + " ".join(rows[-1][3:]), file=sys.stderr, flush=True)
             goals.append(f"{'met' if over_fp32 > 1 else 'UNMET'}: UniRepLKNet-{name[-1].upper()} batch {batch}, "
                          f"paired, bfloat16 ({paired_label(ours)}) over float32 eager+cl+keep ({over_fp32:.2f}, "
@@ -687,6 +694,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time UniRepLKNet and its ConvNeXt V2 peer in bfloat16 (the whole model, and "
                              "autocast) against our float32 eager+cl, in strict alternation")
     parser.add_argument("--bf16-only", action="store_true", help="only the bfloat16 check")
+    parser.add_argument("--bf16-emulated", action="store_true",
+                        help="run the bfloat16 check on a CPU without native bfloat16 too (slow: minutes a round)")
     parser.add_argument("--paired-rounds", type=int, default=10, help="rounds of the paired check (default 10)")
     parser.add_argument("--paired-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--matmul-library", nargs=2, action="append", default=[], metavar=("DTYPE", "LIBRARY"),
@@ -732,6 +741,14 @@ def main(argv=None) -> None:
         matmul_fact(torch.float32, matmul_rate),
     ]
     bf16 = args.bf16 or args.bf16_only
+    if bf16 and not backbones.native_bfloat16() and not args.bf16_emulated:
+        # emulated bfloat16 is tens of times slower than float32: a 2048x2048 product alone takes seconds, and the
+        # check would time emulation, not the models; one small product says by how much
+        _, emulated = fastest_matmul(size=512, dtype=torch.bfloat16, repeats=1)
+        facts.append(f"bfloat16 check not run: this CPU has no native bfloat16 (AVX-512 BF16 or AMX), and oneDNN "
+                     f"emulates it (a 512x512 bfloat16 product ran at {rate_text(emulated)} GFLOP/s against "
+                     f"{matmul_rate:.0f} in float32); --bf16-emulated runs it anyway")
+        bf16 = False
     bf16_matmul_rate = matmul_gflops(dtype=torch.bfloat16) if bf16 else float("nan")
     if bf16:
         facts.append(f"{matmul_fact(torch.bfloat16, bf16_matmul_rate)}; oneDNN bfloat16 native: "

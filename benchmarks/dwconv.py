@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 from backbones.ops import depthwise_conv2d, select_backend  # noqa: E402
 from backbones.ops.depthwise import _BACKENDS  # noqa: E402
-from backbones.ops.policy import POLICY_ENV, reload_policy  # noqa: E402
+from backbones.ops.policy import POLICY_ENV, cpu_isa, reload_policy  # noqa: E402
 
 # (channels, spatial size) of every stage of UniRepLKNet-T and -S at 224 px
 LAYER_SHAPES = {
@@ -381,19 +381,22 @@ def main(argv=None) -> int:
         args.verify = True
 
     if args.write_policy:
+        # CPU entries are measured per instruction set (the policy matches a call to its own CPU's first)
+        isa = cpu_isa() if device.type == "cpu" else None
         entries = [{k: c[k] for k in ("device", "dtype", "mode", "layout", "batch", "channels", "height", "width",
-                                       "kernel_size", "best", "times_ms")} for c in cases]
+                                       "kernel_size", "best", "times_ms")} | ({"isa": isa} if isa else {})
+                   for c in cases]
         existing, machines = [], {}
-        measured = {(device.type, c["dtype"], c["mode"]) for c in cases}
-        if args.policy_path.exists():  # keep other devices', dtypes' and modes' entries
+        measured = {(device.type, isa, c["dtype"], c["mode"]) for c in cases}
+        if args.policy_path.exists():  # keep other devices', instruction sets', dtypes' and modes' entries
             stored = json.loads(args.policy_path.read_text())
             existing = [e for e in stored.get("entries", [])
-                        if (e["device"], e["dtype"], e.get("mode")) not in measured]
+                        if (e["device"], e.get("isa"), e["dtype"], e.get("mode")) not in measured]
             machines = stored.get("machines", {})
         policy = {
             "written_by": "benchmarks/dwconv.py",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "machines": {**machines, device.type: machine_line(device)},
+            "machines": {**machines, f"{device.type} {isa}" if isa else device.type: machine_line(device)},
             "entries": existing + entries,
         }
         args.policy_path.write_text(json.dumps(policy, indent=1) + "\n")

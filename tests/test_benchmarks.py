@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import backbones
 from backbones.runtime import reference_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,19 @@ def test_dwconv_policy_of_one_mode_keeps_the_other_modes_entries(tmp_path):
     kept = {"device": "cpu", "dtype": "float32", "mode": "training", "layout": "channels_last", "batch": 7,
             "channels": 80, "height": 56, "width": 56, "kernel_size": 13, "best": "cpu_direct",
             "times_ms": {"torch": 2.0, "cpu_direct": 1.0}}
+    isa = str(torch.backends.cpu.get_cpu_capability())
+    kept["isa"] = isa
     replaced = dict(kept, mode="inference", batch=9)
-    policy.write_text(json.dumps({"machines": {}, "entries": [kept, replaced]}))
+    other_isa = dict(replaced, isa="SVE256" if isa != "SVE256" else "AVX2")  # another CPU's: kept
+    policy.write_text(json.dumps({"machines": {"cpu SVE256": "elsewhere"}, "entries": [kept, replaced, other_isa]}))
     run_benchmark("dwconv", "--quick", "--modes", "inference", "--backends", "cpu_direct", "--write-policy",
                   "--policy-path", str(policy))
-    entries = json.loads(policy.read_text())["entries"]
-    assert kept in entries and replaced not in entries
-    fresh = [e for e in entries if e["mode"] == "inference"]
+    stored = json.loads(policy.read_text())
+    entries = stored["entries"]
+    assert kept in entries and other_isa in entries and replaced not in entries
+    fresh = [e for e in entries if e["mode"] == "inference" and e is not other_isa and e != other_isa]
     assert len(fresh) == 16 and all(set(e["times_ms"]) <= {"torch", "cpu_direct"} for e in fresh)
+    assert all(e["isa"] == isa for e in fresh) and set(stored["machines"]) == {"cpu SVE256", f"cpu {isa}"}
 
 
 def layer_flops(model, x, layers) -> dict:
@@ -212,6 +218,10 @@ def test_backbone_benchmark_bfloat16_check(tmp_path):
     run_benchmark("backbone", "--bf16-only", "--models", "unireplknet_a", "--image-size", "64", "--batch-sizes", "2",
                   "--paired-rounds", "2", "--warmup", "1", "--output", str(report), timeout=900)
     text = report.read_text()
+    if not backbones.native_bfloat16():  # emulated bfloat16 would time the emulation: the report says it is skipped
+        assert "bfloat16 check not run: this CPU has no native bfloat16" in text
+        assert "bfloat16 matmul rate" not in text and "| unireplknet_a | 2 |" not in text
+        return
     assert "bfloat16 matmul rate" in text
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | 2 | 2 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -487,6 +487,32 @@ def test_measured_policy_drives_auto(tmp_path, monkeypatch):
         reload_policy()
 
 
+def test_cpu_entries_of_the_running_instruction_set_come_first():
+    from backbones.ops.policy import DispatchPolicy, cpu_isa
+
+    shape = dict(device="cpu", dtype="float32", mode="inference", layout="channels_last", channels=320, height=14,
+                 width=14, kernel_size=13)
+    entries = [dict(shape, batch=16, isa="AVX512", best="cpu_direct"),
+               dict(shape, batch=64, isa="AVX2", best="torch"),  # farther in batch, but measured on AVX2
+               dict(shape, device="cuda", batch=16, best="triton")]
+    args = ("float32", "inference", "channels_last", 16, 320, 14, 14, 13)
+    assert DispatchPolicy(entries, isa="AVX2").choose("cpu", *args) == "torch"
+    assert DispatchPolicy(entries, isa="AVX512").choose("cpu", *args) == "cpu_direct"
+    # an instruction set nothing was measured with: the nearest entry of any
+    assert DispatchPolicy(entries, isa="SVE256").choose("cpu", *args) == "cpu_direct"
+    # the field is per CPU only, and a layout this CPU's entries do not cover falls back to the others'
+    assert DispatchPolicy(entries, isa="AVX2").choose("cuda", *args) == "triton"
+    other_layout = dict(shape, layout="nchw", batch=16, isa="AVX512", best="torch_channels_last")
+    assert DispatchPolicy(entries + [other_layout], isa="AVX2").choose(
+        "cpu", "float32", "inference", "nchw", 16, 320, 14, 14, 13) == "torch_channels_last"
+    # entries from before the field existed count for every instruction set
+    untagged = dict(shape, batch=16, best="fft")
+    assert DispatchPolicy([untagged], isa="AVX2").choose("cpu", *args) == "fft"
+    assert DispatchPolicy(entries).isa == cpu_isa() and cpu_isa() == str(torch.backends.cpu.get_cpu_capability())
+    with pytest.warns(RuntimeWarning, match="1 malformed"):
+        assert len(DispatchPolicy([dict(untagged, isa=2)])) == 0
+
+
 def test_an_unreadable_policy_warns_and_uses_torch(tmp_path, monkeypatch):
     path = tmp_path / "policy.json"
     path.write_text("{not json")
@@ -506,6 +532,7 @@ def test_shipped_policy_was_measured_on_this_kind_of_machine():
     policy = load_policy(default_policy_path())
     assert len(policy) > 0
     assert {e["device"] for e in policy.entries} >= {"cpu"}
+    assert all(e.get("isa") in ("AVX512", "AVX2") for e in policy.entries if e["device"] == "cpu")
     for entry in policy.entries:
         times = entry["times_ms"]
         assert entry["best"] in available_backends() and entry["best"] in times

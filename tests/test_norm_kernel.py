@@ -22,6 +22,7 @@ needs_kernels = pytest.mark.skipif(cpu_depthwise.unavailable_reason() is not Non
 def kernel_calls(monkeypatch):
     """The ``gelu`` argument of every call the model code makes to the norm kernel, in order."""
     calls = []
+    monkeypatch.setattr(unireplknet, "_MAP_KERNELS", True)  # as on AVX-512, where the kernel is used
     monkeypatch.setattr(unireplknet, "layer_norm_channels_last",
                         lambda *args, **kwargs: calls.append(kwargs.get("gelu", False))
                         or cpu_depthwise.layer_norm_channels_last(*args, **kwargs))
@@ -127,6 +128,24 @@ def test_layer_norm_module_takes_the_kernel_only_at_inference_on_channels_last_m
     assert kernel_calls == [False] and out.requires_grad
     out.sum().backward()
     assert norm.weight.grad is not None
+
+
+@needs_kernels
+def test_the_kernel_runs_only_where_a_vector_is_one_register(monkeypatch):
+    from backbones.ops.policy import cpu_isa
+
+    assert unireplknet._MAP_KERNELS == (cpu_isa() == "AVX512"), "measured faster than PyTorch's op only there"
+    kernel_calls = []
+    monkeypatch.setattr(unireplknet, "layer_norm_channels_last", lambda *args, **kwargs: kernel_calls.append(1))
+    monkeypatch.setattr(unireplknet, "_MAP_KERNELS", False)  # as on AVX2
+    model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=0).eval())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with reference_ops():
+            expected = model(x)
+        assert relative_error(model(x), expected) < FLOAT32_TOLERANCE
+    assert kernel_calls == [], "PyTorch's layer_norm and gelu"
 
 
 @needs_kernels

@@ -217,6 +217,7 @@ def test_fused_blocks_scale_by_grn_and_se_in_one_call_with_the_same_outputs(dtyp
                                    dtype=None if dtype == torch.float32 else dtype, keep_memory=False)
     x = torch.randn(2, 3, 64, 64)
     calls = []
+    monkeypatch.setattr(unireplknet, "_MAP_KERNELS", True)  # as on AVX-512, where the kernel is used
     monkeypatch.setattr(unireplknet, "channel_scale_",
                         lambda rows, scale: calls.append(rows.shape) or cpu_depthwise.channel_scale_(rows, scale))
     with torch.no_grad():

@@ -6,6 +6,12 @@ call is matched to the nearest measured shape of its device type, mode (inferenc
 preferring its own dtype, by distance in log-space over kernel size (weighted most), spatial size, channels and batch.
 Where nothing was measured (for example on a GPU before the benchmark ran there) the policy answers ``None`` and the
 caller uses PyTorch.
+
+CPU entries carry the vector instruction set they were measured with (``"isa"``: PyTorch's
+``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX512"`` or ``"AVX2"``): which backend wins depends on it (our
+kernels hold more in AVX-512's 32 registers than in AVX2's 16, and oneDNN's kernels differ too). A call is matched
+against the entries of the running CPU's instruction set where the file has any for its mode and layout, else
+against all CPU entries (and entries written before the field existed count for every instruction set).
 """
 
 from __future__ import annotations
@@ -18,9 +24,23 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["POLICY_ENV", "DispatchPolicy", "current_policy", "default_policy_path", "load_policy", "reload_policy"]
+__all__ = [
+    "POLICY_ENV", "DispatchPolicy", "cpu_isa", "current_policy", "default_policy_path", "load_policy", "reload_policy",
+]
 
 POLICY_ENV = "UNIPERCEPTION_DWCONV_POLICY"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_isa() -> str:
+    """The vector instruction set PyTorch's CPU kernels run with here (``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``, ...),
+    the key that CPU policy entries are measured under."""
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (ImportError, AttributeError, RuntimeError):
+        return "DEFAULT"
 
 
 def default_policy_path() -> Path:
@@ -32,21 +52,30 @@ class DispatchPolicy:
 
     Each entry is a dict with ``device`` ("cpu" or "cuda"), ``dtype`` ("float32", ...), ``mode`` ("inference" or
     "training"), ``layout`` ("nchw" or "channels_last"), ``batch``, ``channels``, ``height``, ``width``,
-    ``kernel_size`` and ``best`` (a backend name).
+    ``kernel_size`` and ``best`` (a backend name), and for CPU entries optionally ``isa`` (the instruction set they
+    were measured with; see :func:`cpu_isa`). ``isa`` is the instruction set calls are matched for (default: this
+    CPU's).
     """
 
     _FIELDS = ("device", "dtype", "mode", "layout", "best")
     _SIZES = ("batch", "channels", "height", "width", "kernel_size")
 
-    def __init__(self, entries: List[Dict]):
+    def __init__(self, entries: List[Dict], isa: Optional[str] = None):
         valid = [e for e in entries if self._valid(e)]
         if len(valid) != len(entries):
             warnings.warn(f"depthwise dispatch policy: {len(entries) - len(valid)} malformed entries ignored",
                           RuntimeWarning, stacklevel=3)
         self.entries = valid
+        self.isa = cpu_isa() if isa is None else isa
+        # all entries of a (device, mode, layout), and those of them measured with this CPU's instruction set (or
+        # with none named); a call uses the second list where it is not empty
         self._index: Dict[tuple, List[Dict]] = {}
+        self._own: Dict[tuple, List[Dict]] = {}
         for entry in valid:
-            self._index.setdefault((entry["device"], entry["mode"], entry["layout"]), []).append(entry)
+            key = (entry["device"], entry["mode"], entry["layout"])
+            self._index.setdefault(key, []).append(entry)
+            if entry["device"] != "cpu" or entry.get("isa") in (None, self.isa):
+                self._own.setdefault(key, []).append(entry)
 
     @classmethod
     def _valid(cls, entry) -> bool:
@@ -54,6 +83,7 @@ class DispatchPolicy:
             isinstance(entry, dict)
             and all(isinstance(entry.get(k), str) for k in cls._FIELDS)
             and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in cls._SIZES)
+            and isinstance(entry.get("isa", ""), str)
         )
 
     def __len__(self) -> int:
@@ -74,7 +104,7 @@ class DispatchPolicy:
         self, device: str, dtype: str, mode: str, layout: str, batch: int, channels: int, height: int, width: int,
         kernel_size: int,
     ) -> Optional[str]:
-        candidates = self._index.get((device, mode, layout))
+        candidates = self._own.get((device, mode, layout)) or self._index.get((device, mode, layout))
         if not candidates:
             return None
         pixels = max(1, height * width)

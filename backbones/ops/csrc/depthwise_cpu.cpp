@@ -36,8 +36,26 @@ namespace {
 constexpr int kLanes = 16;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
-constexpr int kMaxWidth = 14;    // output pixels per register block in the forward pass
-constexpr int kMaxTapGroup = 16; // kernel taps per register block in the weight gradient
+constexpr int kMaxWidth = 14;    // output pixels per register block in the forward pass (kernels compiled)
+constexpr int kMaxTapGroup = 16; // kernel taps per register block in the weight gradient (kernels compiled)
+// How many of those the blocks use: a 16-lane vector is one of AVX-512's 32 registers, so 14 sums (or 16 taps) fit
+// beside the weights and inputs. With AVX2 a vector takes two of its 16 registers, and blocks that wide would keep
+// their sums on the stack (a load and a store around every multiply-add); there they are at most 7 wide (14 of the
+// 16 registers for the sums; 7 divides every stage width of UniRepLKNet at 224 px).
+#ifdef __AVX512F__
+constexpr int kBlockWidth = kMaxWidth;
+constexpr int kTapGroup = kMaxTapGroup;
+#else
+#ifndef DEPTHWISE_BLOCK_WIDTH
+#define DEPTHWISE_BLOCK_WIDTH 7
+#endif
+#ifndef DEPTHWISE_TAP_GROUP
+#define DEPTHWISE_TAP_GROUP 7
+#endif
+constexpr int kBlockWidth = DEPTHWISE_BLOCK_WIDTH;
+constexpr int kTapGroup = DEPTHWISE_TAP_GROUP;
+#endif
+static_assert(kBlockWidth >= 1 && kBlockWidth <= kMaxWidth && kTapGroup >= 1 && kTapGroup <= kMaxTapGroup);
 constexpr int64_t kBandPixels = 4096;  // about this many padded input pixels per task (a few hundred KiB)
 
 // Zero-initialised float buffer on a 64-byte boundary: the buffers' vectors then never straddle two cache lines
@@ -63,6 +81,56 @@ class Buffer {
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+
+// The convolutions' register blocks keep their sums, weights and inputs as `rvec`s: 16 floats in registers. With
+// AVX-512 that is one `vec`. Without it GCC lowers a 64-byte vector it has no register for clumsily (arrays of them
+// go through the stack in 8-byte pieces: on an AVX2 CPU the forward pass ran at a third of oneDNN's speed), so
+// there an rvec is a struct of the widest vectors the target has, each kept in its own register; per lane the
+// arithmetic is the same.
+#ifdef __AVX512F__
+typedef vec rvec;
+inline rvec rload(const float* p) { return load(p); }
+inline void rstore(float* p, rvec v) { store(p, v); }
+inline rvec to_rvec(vec v) { return v; }
+#else
+#ifdef __AVX__
+constexpr int kPartLanes = 8;
+#else
+constexpr int kPartLanes = 4;
+#endif
+constexpr int kParts = kLanes / kPartLanes;
+typedef float part __attribute__((vector_size(kPartLanes * sizeof(float))));
+typedef float part_unaligned __attribute__((vector_size(kPartLanes * sizeof(float)), aligned(4)));
+struct rvec {
+  part p[kParts];
+};
+inline rvec rload(const float* x) {
+  rvec v;
+#pragma GCC unroll 4
+  for (int j = 0; j < kParts; ++j) v.p[j] = *reinterpret_cast<const part_unaligned*>(x + j * kPartLanes);
+  return v;
+}
+inline void rstore(float* x, const rvec& v) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kParts; ++j) *reinterpret_cast<part_unaligned*>(x + j * kPartLanes) = v.p[j];
+}
+inline rvec to_rvec(vec v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  return rload(lanes);
+}
+inline rvec operator*(const rvec& a, const rvec& b) {
+  rvec r;
+#pragma GCC unroll 4
+  for (int j = 0; j < kParts; ++j) r.p[j] = a.p[j] * b.p[j];
+  return r;
+}
+inline rvec& operator+=(rvec& a, const rvec& b) {
+#pragma GCC unroll 4
+  for (int j = 0; j < kParts; ++j) a.p[j] += b.p[j];
+  return a;
+}
+#endif
 
 // bfloat16 maps are read into the float32 buffers and written back with round-to-nearest-even: all arithmetic is
 // float32. A bfloat16 value is the upper half of a float32's bits.
@@ -100,6 +168,20 @@ inline void store_lanes(uint16_t* p, vec v, int64_t valid) {
   if (valid == kLanes) *reinterpret_cast<hvec*>(p) = h;
   else std::memcpy(p, &h, sizeof(uint16_t) * valid);
 }
+#ifndef __AVX512F__
+inline void store_lanes(float* p, const rvec& v, int64_t valid) {
+  if (valid == kLanes) rstore(p, v);
+  else std::memcpy(p, &v, sizeof(float) * valid);
+}
+inline void store_lanes(uint16_t* p, const rvec& v, int64_t valid) {
+  vec w;
+  std::memcpy(&w, &v, sizeof w);
+  store_lanes(p, w, valid);
+}
+#endif
+// one pixel's 16 channels from a map into a float32 buffer
+inline void copy_lanes(float* dst, const float* src) { rstore(dst, rload(src)); }
+inline void copy_lanes(float* dst, const uint16_t* src) { store(dst, load_float(src)); }
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -124,7 +206,7 @@ void fill_block(const T* x, int64_t b, int64_t row0, int64_t rows, int64_t H, in
     const T* src = x + ((b * H + ih) * W) * C + c0;
     dst += pad * kLanes;
     if (valid == kLanes) {
-      for (int64_t w = 0; w < W; ++w) store(dst + w * kLanes, load_float(src + w * C));
+      for (int64_t w = 0; w < W; ++w) copy_lanes(dst + w * kLanes, src + w * C);
     } else {
       for (int64_t w = 0; w < W; ++w) {
         std::memset(dst + w * kLanes, 0, sizeof(float) * kLanes);
@@ -141,17 +223,18 @@ void fill_block(const T* x, int64_t b, int64_t row0, int64_t rows, int64_t H, in
 template <int N, typename T>
 inline void forward_block(const float* in, const float* w, vec bias, T* out, int64_t K, int64_t dil,
                           int64_t Wp, int64_t out_stride, int64_t valid, int64_t kh0, int64_t kh1) {
-  vec acc[N];
+  rvec acc[N];
+  const rvec start = to_rvec(bias);
 #pragma GCC unroll 16
-  for (int i = 0; i < N; ++i) acc[i] = bias;
+  for (int i = 0; i < N; ++i) acc[i] = start;
   for (int64_t kh = kh0; kh < kh1; ++kh) {
     const float* row = in + kh * dil * Wp * kLanes;
     const float* wrow = w + kh * K * kLanes;
     for (int64_t kw = 0; kw < K; ++kw) {
-      const vec wv = load(wrow + kw * kLanes);
+      const rvec wv = rload(wrow + kw * kLanes);
       const float* src = row + kw * dil * kLanes;
 #pragma GCC unroll 16
-      for (int i = 0; i < N; ++i) acc[i] += load(src + i * kLanes) * wv;
+      for (int i = 0; i < N; ++i) acc[i] += rload(src + i * kLanes) * wv;
     }
   }
 #pragma GCC unroll 16
@@ -234,10 +317,10 @@ const ForwardBlockFn<T>* forward_blocks(int64_t K, int64_t dil) {
   return kForwardBlocks<T>;
 }
 
-// The register block width for rows of W pixels: as few blocks as kMaxWidth allows, of (nearly) equal width, so a
+// The register block width for rows of W pixels: as few blocks as kBlockWidth allows, of (nearly) equal width, so a
 // 14- or 28-pixel row runs 14-wide blocks instead of 8 + 6.
 int64_t block_width(int64_t W) {
-  const int64_t blocks = (W + kMaxWidth - 1) / kMaxWidth;
+  const int64_t blocks = (W + kBlockWidth - 1) / kBlockWidth;
   return (W + blocks - 1) / blocks;
 }
 
@@ -298,25 +381,25 @@ void forward_impl(const T* x, const float* wb, const float* bias, T* y, int64_t 
 
 // acc[j] += g[ow] * in[ow + j * dil] for the output-gradient pixels begin <= ow < end, one at a time
 template <int N>
-__attribute__((always_inline)) inline void weight_grad_pixels(const float* g, const float* in, vec* acc, int64_t begin,
-                                                             int64_t end, int64_t dil) {
+__attribute__((always_inline)) inline void weight_grad_pixels(const float* g, const float* in, rvec* acc,
+                                                             int64_t begin, int64_t end, int64_t dil) {
   for (int64_t ow = begin; ow < end; ++ow) {
-    const vec gv = load(g + ow * kLanes);
+    const rvec gv = rload(g + ow * kLanes);
     const float* src = in + ow * kLanes;
 #pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) acc[j] += gv * load(src + j * dil * kLanes);
+    for (int j = 0; j < N; ++j) acc[j] += gv * rload(src + j * dil * kLanes);
   }
 }
 
 // Weight-gradient register block: acc[j] += sum_ow g[ow] * in[ow + j * dil] for N taps j of one kernel row.
 template <int N>
 inline void weight_grad_block(const float* g, const float* in, float* dw, int64_t W, int64_t dil) {
-  vec acc[N];
+  rvec acc[N];
 #pragma GCC unroll 16
-  for (int j = 0; j < N; ++j) acc[j] = load(dw + j * kLanes);
+  for (int j = 0; j < N; ++j) acc[j] = rload(dw + j * kLanes);
   weight_grad_pixels<N>(g, in, acc, 0, W, dil);
 #pragma GCC unroll 16
-  for (int j = 0; j < N; ++j) store(dw + j * kLanes, acc[j]);
+  for (int j = 0; j < N; ++j) rstore(dw + j * kLanes, acc[j]);
 }
 
 typedef void (*WeightGradBlockFn)(const float*, const float*, float*, int64_t, int64_t);
@@ -381,7 +464,19 @@ WeightGradBlockFn weight_grad_blocks(int64_t K, int64_t dil) {
     }
   }
 #endif
-  return K <= kMaxTapGroup ? kWeightGradBlocks[K] : nullptr;
+  return K <= kTapGroup ? kWeightGradBlocks[K] : nullptr;
+}
+
+// The tap-group size for kernel rows of K taps: the widest on AVX-512; with AVX2's narrower groups, as few as
+// kTapGroup allows, of (nearly) equal size (13 taps as 5 + 4 + 4, not 6 + 6 + 1). Each tap's sum takes the pixels
+// in the same order however the taps are grouped.
+int64_t tap_group(int64_t K) {
+#ifdef __AVX512F__
+  return std::min<int64_t>(K, kTapGroup);
+#else
+  const int64_t groups = (K + kTapGroup - 1) / kTapGroup;
+  return (K + groups - 1) / groups;
+#endif
 }
 
 // dw (K, K, C) = sum_{b, oh, ow} g[b, oh, ow] * xpad[b, oh + kh dil, ow + kw dil]
@@ -396,7 +491,8 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
   const int64_t threads = at::get_num_threads();
   const int64_t taps = K * K * kLanes;  // one channel block's gradient
   Buffer partial(threads * blocks * taps);
-  const WeightGradBlockFn whole_row = weight_grad_blocks(K, dil);  // a kernel row in one group (K <= 16)
+  const WeightGradBlockFn whole_row = weight_grad_blocks(K, dil);  // a kernel row in one group (K <= kTapGroup)
+  const int64_t group = tap_group(K);
   at::parallel_for(0, B * bands * blocks, 1, [&](int64_t begin, int64_t end) {
     Buffer buf((rows + 2 * pad) * Wp * kLanes);
     Buffer grad(rows * W * kLanes);
@@ -412,8 +508,8 @@ void weight_grad_impl(const T* x, const T* g, float* dw, int64_t B, int64_t H, i
         const KernelRows rows_in = kernel_rows(row0 + r, H, K, dil, pad);
         for (int64_t kh = rows_in.first; kh < rows_in.last; ++kh) {
           const float* in_row = buf.data() + (r + kh * dil) * Wp * kLanes;
-          for (int64_t kw0 = 0; kw0 < K; kw0 += kMaxTapGroup) {
-            const int64_t n = std::min<int64_t>(kMaxTapGroup, K - kw0);
+          for (int64_t kw0 = 0; kw0 < K; kw0 += group) {
+            const int64_t n = std::min<int64_t>(group, K - kw0);
             (n == K ? whole_row : kWeightGradBlocks[n])(grad.data() + r * W * kLanes, in_row + kw0 * dil * kLanes,
                                  dwc + (kh * K + kw0) * kLanes, W, dil);
           }
@@ -889,6 +985,10 @@ constexpr int64_t kScaleGrain = 1 << 15;  // at least this many elements per tas
 // A sample's P * C values are read as one run, against its factors repeated over the least common multiple of C and
 // the vector width (C itself where C fills whole vectors; 80 for A's 40 channels), so that every load and store is a
 // whole vector but at the sample's end.
+// p[0..16) *= f[0..16) (float32 in registers as rvecs; bfloat16 through float32 and rounded once)
+inline void scale_lanes(float* p, const float* f) { rstore(p, rload(p) * rload(f)); }
+inline void scale_lanes(uint16_t* p, const float* f) { store_vec(p, load_float(p) * load(f)); }
+
 template <typename T>
 void channel_scale_impl(T* x, const float* s, int64_t B, int64_t P, int64_t C) {
   const int64_t period = C / std::gcd(C, static_cast<int64_t>(kLanes)) * kLanes;
@@ -911,7 +1011,7 @@ void channel_scale_impl(T* x, const float* s, int64_t B, int64_t P, int64_t C) {
       T* run = x + b * total + k * period;
       const int64_t n = std::min(period, total - k * period);
       int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes) store_vec(run + i, load_float(run + i) * load(f + i));
+      for (; i + kLanes <= n; i += kLanes) scale_lanes(run + i, f + i);
       for (; i < n; ++i) store_one(run + i, to_float(run[i]) * f[i]);
     }
   });
