@@ -130,6 +130,13 @@ def test_layer_norm_module_takes_the_kernel_only_at_inference_on_channels_last_m
     assert norm.weight.grad is not None
 
 
+def _channels_last_atto():
+    """UniRepLKNet-A (eval, random statistics) and a 32 px input, both channels-last."""
+    model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=0).eval())
+    return model.to(memory_format=torch.channels_last), torch.randn(2, 3, 32, 32).contiguous(
+        memory_format=torch.channels_last)
+
+
 @needs_kernels
 def test_the_kernel_runs_only_where_a_vector_is_one_register(monkeypatch):
     from backbones.ops.policy import cpu_isa
@@ -138,9 +145,7 @@ def test_the_kernel_runs_only_where_a_vector_is_one_register(monkeypatch):
     kernel_calls = []
     monkeypatch.setattr(unireplknet, "layer_norm_channels_last", lambda *args, **kwargs: kernel_calls.append(1))
     monkeypatch.setattr(unireplknet, "_MAP_KERNELS", False)  # as on AVX2
-    model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=0).eval())
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    model.to(memory_format=torch.channels_last)
+    model, x = _channels_last_atto()
     with torch.no_grad():
         with reference_ops():
             expected = model(x)
@@ -150,11 +155,9 @@ def test_the_kernel_runs_only_where_a_vector_is_one_register(monkeypatch):
 
 @needs_kernels
 def test_stem_runs_norm_and_gelu_in_one_call_unless_hooked(kernel_calls):
-    model = randomise_statistics(timm.create_model("unireplknet_a", num_classes=0).eval())
+    model, x = _channels_last_atto()
     stem = model.downsample_layers[0]
     assert isinstance(stem, DownsampleLayer) and isinstance(stem[1], LayerNorm2d)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         with reference_ops():
             expected = stem(x)
