@@ -5,13 +5,13 @@ machine's vector units allow and whose weight gradient is many times slower than
 13x13, see ``benchmarks/dwconv.py``). ``csrc/depthwise_cpu.cpp`` computes the forward pass and the weight gradient
 directly on channels-last maps: each task copies a band of the input, for 16 channels at a time, into a zero-padded
 contiguous buffer, then keeps up to 14 output pixels (forward) or up to 16 kernel taps (weight gradient) in vector
-registers (7 of either with AVX2, whose 16 registers hold half as many 16-float vectors); for the usual kernel
-sizes (13, 7, 5, 3 and the 5 and 7 training branches at dilation 2) on AVX-512 it keeps a kernel row's weights (forward) or 14 output-gradient pixels (weight gradient) in registers too, so each input
-pixel is loaded once per kernel row, and it skips the kernel rows that meet only the padding above and below the
-image. The input gradient is the forward pass with the kernel rotated by 180 degrees. bfloat16 maps are read into
-the float32 buffers and the outputs rounded back to bfloat16 (round to nearest even), so all arithmetic is float32.
-Results are float32 sums in a different order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding,
-not bit for bit.
+registers (7 of either with AVX2, whose 16 registers hold half as many 16-float vectors); for the usual kernel sizes
+(13, 7, 5, 3 and the 5 and 7 training branches at dilation 2) on AVX-512 it keeps a kernel row's weights (forward)
+or 14 output-gradient pixels (weight gradient) in registers too, so each input pixel is loaded once per kernel row,
+and it skips the kernel rows that meet only the padding above and below the image. The input gradient is the forward
+pass with the kernel rotated by 180 degrees. bfloat16 maps are read into the float32 buffers and the outputs rounded
+back to bfloat16 (round to nearest even), so all arithmetic is float32. Results are float32 sums in a different
+order than oneDNN's, so they agree with ``F.conv2d`` to float32 rounding, not bit for bit.
 
 The same extension computes GRN's spatial sum of squares (:func:`spatial_square_sum`) in one pass, and at inference
 GRN's whole channel factor (:func:`grn_scale`) and squeeze-and-excitation's (:func:`se_scale`) and the multiply of a
