@@ -42,6 +42,7 @@ from .errors import CheckpointError, ConfigurationError, InputShapeError
 _logger = logging.getLogger(__name__)
 from .ops import DepthwiseConv2d, central_taps, depthwise_conv2d, prepacked, select_backend
 from .ops.cpu_depthwise import channel_scale_, cpu_direct_depthwise_conv2d, grn_scale, layer_norm_channels_last
+from .ops.cpu_depthwise import NARROW_MAX_OUTPUTS, narrow_conv3x3_s2, narrow_linear, narrow_linear_available
 from .ops.cpu_depthwise import se_scale, spatial_square_sum
 from .ops.cpu_depthwise import unavailable_reason as cpu_kernels_unavailable
 from .ops.depthwise import _effective_dtype, _tracing
@@ -314,6 +315,35 @@ def _scale_channels(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rows.mul_(scale.reshape(rows.shape[0], 1, 1, rows.shape[-1]).to(rows.dtype))
 
 
+# Linear2 runs as one call of our CPU kernels (narrow_linear) for this many outputs; oneDNN's Linear elsewhere.
+# Measured on 2 cores (AMD EPYC, AVX-512), float32, 16 x 56 x 56 rows, residual added, in alternation with oneDNN's
+# call: 160 -> 40 (UniRepLKNet-A's first stage) 3.9 against 5.9 ms, 192 -> 48 (F's) 4.7 against 5.8; but 128 -> 32
+# 3.2 against 2.6 and 64 -> 16 1.5 against 0.6 (oneDNN fills whole vectors there, the kernel always three).
+_NARROW_OUTPUTS = range(33, NARROW_MAX_OUTPUTS + 1)
+_NARROW_LINEAR = None  # whether our kernels have narrow_linear here (asked once, when first needed)
+
+
+def _narrow_kernels() -> bool:
+    """Whether our CPU kernels are built here with :func:`narrow_linear` and :func:`narrow_conv3x3_s2` (AVX-512)."""
+    global _NARROW_LINEAR
+    if _NARROW_LINEAR is None:
+        _NARROW_LINEAR = cpu_kernels_unavailable() is None and narrow_linear_available()
+    return _NARROW_LINEAR
+
+
+def _no_graph(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether no autograd graph would be recorded for an op on ``tensors``."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _narrow_linear_applies(linear: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether ``linear`` on the contiguous float32 CPU map ``x`` runs as :func:`narrow_linear` (inference only)."""
+    return (linear.out_features in _NARROW_OUTPUTS and x.dtype == torch.float32 and linear.weight.dtype == x.dtype
+            and x.device.type == "cpu" and x.is_contiguous() and not _tracing()
+            and (linear.bias is None or linear.bias.dtype == x.dtype)
+            and _no_graph(x, linear.weight, linear.bias) and _narrow_kernels())
+
+
 class GRNwithNHWC(nn.Module):
     """Global Response Normalisation (ConvNeXt V2) on channels-last input ``(B, H, W, C)``.
 
@@ -401,11 +431,31 @@ class LayerNorm2d(_TimmLayerNorm2d):
         return F.gelu(super().forward(x))
 
 
+def _narrow_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv`` on ``x`` runs as :func:`narrow_conv3x3_s2`: a 3x3, stride-2, padding-1 convolution of
+    :data:`_NARROW_OUTPUTS` outputs on a channels-last float32 CPU map, at inference with the fast ops on and no hook
+    on ``conv``. Measured on 2 cores (AMD EPYC, AVX-512), UniRepLKNet-A's second stem convolution (20 -> 40
+    channels, 112x112, batch 16) took 4.3-4.6 against 5.3-5.6 ms for oneDNN's, and with the LayerNorm after it in
+    the same pass 4.7-5.0 against 6.1-6.4 ms for oneDNN's convolution and our LayerNorm kernel."""
+    if not (isinstance(conv, nn.Conv2d) and conv.out_channels in _NARROW_OUTPUTS and conv.kernel_size == (3, 3)
+            and conv.stride == (2, 2) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and type(conv).forward in (nn.Conv2d.forward, PrepackedConv2d.forward)):
+        return False
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and min(x.shape[2:]) > 0
+            and conv.weight.dtype == x.dtype
+            and (conv.bias is None or conv.bias.dtype == x.dtype) and x.is_contiguous(memory_format=torch.channels_last)
+            and _no_graph(x, conv.weight, conv.bias) and not torch.is_autocast_enabled("cpu") and fast_ops_enabled()
+            and not _tracing() and not _hooked(conv)):
+        return False
+    return _narrow_kernels()
+
+
 class DownsampleLayer(nn.Sequential):
     """The stem (``conv3x3 s2 -> LayerNorm -> GELU -> conv3x3 s2 -> LayerNorm``) or a downsampling layer
     (``conv3x3 s2 -> LayerNorm``): an ``nn.Sequential`` (the same indices and state-dict keys) that runs a
     :class:`LayerNorm2d` followed by the exact ``nn.GELU`` as one call (:meth:`LayerNorm2d.forward_gelu`) when
-    neither has a hook."""
+    neither has a hook, and a convolution of few outputs (UniRepLKNet-A's and -F's second stem convolution) with the
+    LayerNorm after it as one call of our CPU kernels (:func:`_narrow_conv_applies`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self._modules.values())
@@ -417,6 +467,15 @@ class DownsampleLayer(nn.Sequential):
                     and not _hooked(module, after)):
                 x = module.forward_gelu(x)
                 i += 2
+            elif _narrow_conv_applies(module, x):
+                following = modules[i + 2] if i + 2 < len(modules) else None
+                # the LayerNorm after it in the same call, unless a GELU follows (then the LayerNorm+GELU call)
+                norm = (type(after) is LayerNorm2d and after.weight is not None and after.bias is not None
+                        and after.weight.dtype == x.dtype and after.bias.dtype == x.dtype and not _hooked(after)
+                        and _no_graph(after.weight, after.bias) and type(following) not in (nn.GELU, GELU))
+                x = narrow_conv3x3_s2(x, module.weight, module.bias, after.weight if norm else None,
+                                      after.bias if norm else None, after.eps if norm else 0.0)
+                i += 2 if norm else 1
             else:
                 x = module(x)
                 i += 1
@@ -691,13 +750,22 @@ class UniRepLKNetBlock(nn.Module):
             h = _scale_channels(h, grn.scale(h))  # GRN in place
             if grn.use_bias:
                 h = h.add_(grn.beta.to(dtype))
-            weight2 = prepacked.linear_weight(linear2.weight, rows, dtype)
+            other = None
             if residual is not None and len(self.pwconv2) == 2 and residual.dtype == dtype:
                 other = residual.permute(0, 2, 3, 1)
-                if other.is_contiguous():  # a channels-last residual: (B, H, W, C) in memory order
-                    out = torch.ops.mkldnn._linear_pointwise.binary(h, other, weight2, bias2, "add")
-                    return out.permute(0, 3, 1, 2), True
-            out = torch.ops.mkldnn._linear_pointwise(h, weight2, bias2, "none", [], "").permute(0, 3, 1, 2)
+                if not other.is_contiguous():  # only a channels-last residual is (B, H, W, C) in memory order
+                    other = None
+            if _narrow_linear_applies(linear2, h):  # few outputs: one call of our CPU kernels, residual included
+                out = narrow_linear(h, linear2.weight, bias2, other)
+            elif other is not None:  # the residual add as oneDNN's binary post-op
+                out = torch.ops.mkldnn._linear_pointwise.binary(
+                    h, other, prepacked.linear_weight(linear2.weight, rows, dtype), bias2, "add")
+            else:
+                out = torch.ops.mkldnn._linear_pointwise(
+                    h, prepacked.linear_weight(linear2.weight, rows, dtype), bias2, "none", [], "")
+            out = out.permute(0, 3, 1, 2)
+            if other is not None:
+                return out, True
         return (self.pwconv2[2](out) if len(self.pwconv2) == 3 else out), False
 
     @torch.no_grad()

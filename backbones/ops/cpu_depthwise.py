@@ -46,7 +46,8 @@ from .prepacked import kept_copy
 
 __all__ = [
     "channel_scale_", "cpu_direct_depthwise_conv2d", "build_source", "extension", "grn_scale",
-    "layer_norm_channels_last", "se_scale", "spatial_square_sum", "unavailable_reason", "SOURCE",
+    "layer_norm_channels_last", "NARROW_MAX_OUTPUTS", "narrow_conv3x3_s2", "narrow_linear", "narrow_linear_available", "se_scale",
+    "spatial_square_sum", "unavailable_reason", "SOURCE",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise_cpu.cpp"
@@ -234,6 +235,50 @@ def layer_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     the same shape, channels-last memory, in ``x``'s dtype (float32 arithmetic, rounded once); not differentiable
     (inference). The GELU's erf is a polynomial approximation with an absolute error of at most 1.5e-7."""
     return extension().layer_norm_channels_last(x, weight, bias, float(eps), bool(gelu))
+
+
+# a Linear weight -> its packed copy for narrow_linear (see prepacked.kept_copy)
+_NARROW = WeakIdKeyDictionary()
+#: the most outputs :func:`narrow_linear` takes
+NARROW_MAX_OUTPUTS = 48
+
+
+def narrow_linear_available() -> bool:
+    """Whether :func:`narrow_linear` runs here: our kernels built, with AVX-512 (on other builds oneDNN's Linear is
+    used)."""
+    return unavailable_reason() is None and bool(extension().narrow_linear_supported())
+
+
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias) (+ residual)`` for a contiguous float32 CPU input ``(..., K)`` and a weight of at
+    most :data:`NARROW_MAX_OUTPUTS` outputs ``(N, K)``, in one call of our kernels (AVX-512 builds only, see
+    :func:`narrow_linear_available`): ``(..., N)`` float32, the residual (contiguous, of that shape) added in the same
+    pass. The weight's packed copy is kept between calls for a weight that is not being trained; not differentiable
+    (inference)."""
+    ext = extension()
+    if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
+        packed = ext.narrow_weight(weight)
+    else:
+        packed = kept_copy(weight, "narrow", lambda: ext.narrow_weight(weight), table=_NARROW)
+    return ext.narrow_linear(x, packed, bias, residual, weight.shape[0])
+
+
+def narrow_conv3x3_s2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=2, padding=1)`` for a channels-last float32 CPU map ``(B, Cin, H, W)`` and a
+    3x3 weight of at most :data:`NARROW_MAX_OUTPUTS` outputs ``(N, Cin, 3, 3)``, followed by a LayerNorm over the
+    ``N`` output channels (``norm_weight``, ``norm_bias``, ``eps``) where given, in one call of our kernels (AVX-512
+    builds only, see :func:`narrow_linear_available`): ``(B, N, ceil(H / 2), ceil(W / 2))``, channels-last memory.
+    The weight's packed copy is kept between calls as :func:`narrow_linear` keeps it; not differentiable
+    (inference)."""
+    ext = extension()
+    if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
+        packed = ext.narrow_conv_weight(weight)
+    else:
+        packed = kept_copy(weight, "narrow conv", lambda: ext.narrow_conv_weight(weight), table=_NARROW)
+    return ext.narrow_conv3x3_s2(x, packed, bias, norm_weight, norm_bias, float(eps), weight.shape[0])
 
 
 def spatial_square_sum(x: torch.Tensor) -> torch.Tensor:
