@@ -21,13 +21,21 @@ needs_narrow = pytest.mark.skipif(cpu_depthwise.unavailable_reason() is not None
 
 @pytest.fixture
 def narrow_calls(monkeypatch):
-    """The kernel name of every narrow call the model code makes, in order."""
+    """The kernel name of every narrow call the model code makes, in order (``narrow_linear+grn`` where GRN's factor
+    was handed to the kernel instead of scaling the map)."""
     calls = []
-    for name in ("narrow_linear", "narrow_conv3x3_s2"):
+
+    def spy(name):
         kernel = getattr(cpu_depthwise, name)
-        monkeypatch.setattr(unireplknet, name,
-                            lambda *args, _kernel=kernel, _name=name, **kwargs: calls.append(_name)
-                            or _kernel(*args, **kwargs))
+
+        def call(*args, **kwargs):
+            folded = name == "narrow_linear" and len(args) > 4 and args[4] is not None
+            calls.append(name + ("+grn" if folded else ""))
+            return kernel(*args, **kwargs)
+        return call
+
+    for name in ("narrow_linear", "narrow_conv3x3_s2"):
+        monkeypatch.setattr(unireplknet, name, spy(name))
     return calls
 
 
@@ -49,6 +57,23 @@ def test_narrow_linear_matches_linear(outputs, rows, with_bias, with_residual):
     assert ours.shape == (2, rows, outputs) and ours.dtype == torch.float32
     if rows:
         assert relative_error(ours.double(), expected) < FLOAT32_TOLERANCE
+
+
+@needs_narrow
+@pytest.mark.parametrize("pixels", [1, 6, 13, 36])  # per sample: a tail alone, whole blocks, both
+def test_narrow_linear_with_a_per_sample_input_scale_matches_scaling_the_input(pixels):
+    batch, inputs, outputs = 3, 64, 40
+    x = torch.randn(batch, pixels, inputs)
+    weight, bias = torch.randn(outputs, inputs) * inputs**-0.5, torch.randn(outputs)
+    residual = torch.randn(batch, pixels, outputs)
+    scale = torch.rand(batch, inputs) * 2
+    ours = cpu_depthwise.narrow_linear(x, weight, bias, residual, scale)
+    expected = F.linear(x.double() * scale.double()[:, None, :], weight.double(), bias.double()) + residual.double()
+    assert relative_error(ours.double(), expected) < FLOAT32_TOLERANCE
+    with pytest.raises(RuntimeError, match="split the rows evenly"):
+        cpu_depthwise.narrow_linear(x, weight, bias, None, torch.rand(5, inputs))  # rows 3 x pixels
+    with pytest.raises(RuntimeError, match="split the rows evenly"):
+        cpu_depthwise.narrow_linear(x, weight, bias, None, torch.rand(batch, inputs + 1))
 
 
 @needs_narrow
@@ -143,7 +168,7 @@ def test_narrow_convolution_refuses_what_it_cannot_take():
 
 
 @needs_narrow
-def test_unireplknet_a_runs_its_narrow_layers_in_our_kernels_and_matches_the_reference(narrow_calls):
+def test_unireplknet_a_runs_its_narrow_layers_in_our_kernels_and_matches_the_reference(narrow_calls, monkeypatch):
     torch.manual_seed(0)
     model = optimize_for_inference(timm.create_model("unireplknet_a", num_classes=10))
     x = torch.randn(2, 3, 64, 64)
@@ -152,9 +177,15 @@ def test_unireplknet_a_runs_its_narrow_layers_in_our_kernels_and_matches_the_ref
             expected = model(x)
         assert not narrow_calls
         ours = model(x)
-    # the second stem convolution with its LayerNorm, then the two first-stage blocks' Linear2 (40 outputs)
-    assert narrow_calls == ["narrow_conv3x3_s2", "narrow_linear", "narrow_linear"]
+    # the second stem convolution with its LayerNorm, then the two first-stage blocks' Linear2 (40 outputs) with
+    # their GRN factor
+    assert narrow_calls == ["narrow_conv3x3_s2", "narrow_linear+grn", "narrow_linear+grn"]
     assert relative_error(ours, expected) < FLOAT32_TOLERANCE
+    narrow_calls.clear()
+    monkeypatch.setattr(unireplknet, "_NARROW_FOLDS_GRN", False)  # GRN scales the map in place: the same outputs
+    with torch.no_grad():
+        assert relative_error(model(x), ours) < FLOAT32_TOLERANCE
+    assert narrow_calls == ["narrow_conv3x3_s2", "narrow_linear", "narrow_linear"]
 
 
 @needs_narrow

@@ -250,18 +250,20 @@ def narrow_linear_available() -> bool:
 
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias) (+ residual)`` for a contiguous float32 CPU input ``(..., K)`` and a weight of at
     most :data:`NARROW_MAX_OUTPUTS` outputs ``(N, K)``, in one call of our kernels (AVX-512 builds only, see
     :func:`narrow_linear_available`): ``(..., N)`` float32, the residual (contiguous, of that shape) added in the same
-    pass. The weight's packed copy is kept between calls for a weight that is not being trained; not differentiable
-    (inference)."""
+    pass. With ``input_scale`` ``(S, K)`` the input is ``x`` with its channels multiplied by a factor per sample
+    (the rows split evenly into ``S`` samples: GRN's factor for a ``(S, H, W, K)`` map), applied to ``S`` copies of
+    the weight instead of the map. The weight's packed copy is kept between calls for a weight that is not being
+    trained; not differentiable (inference)."""
     ext = extension()
     if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
         packed = ext.narrow_weight(weight)
     else:
         packed = kept_copy(weight, "narrow", lambda: ext.narrow_weight(weight), table=_NARROW)
-    return ext.narrow_linear(x, packed, bias, residual, weight.shape[0])
+    return ext.narrow_linear(x, packed, bias, residual, input_scale, weight.shape[0])
 
 
 def narrow_conv3x3_s2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -1096,9 +1096,12 @@ torch::Tensor narrow_weight(torch::Tensor weight) {
 }
 
 // h (..., K) contiguous float32; packed as narrow_weight gives it; bias (N) float32 or none; residual (..., N)
-// contiguous float32 or none; returns (..., N) float32
+// contiguous float32 or none; input_scale (S, K) or none: the input's channels times a factor per sample, the rows
+// split into S samples of equal count (GRN's factor, applied to S copies of the packed weight instead of the map);
+// returns (..., N) float32
 torch::Tensor narrow_linear(torch::Tensor h, torch::Tensor packed, c10::optional<torch::Tensor> bias,
-                            c10::optional<torch::Tensor> residual, int64_t N) {
+                            c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> input_scale,
+                            int64_t N) {
   TORCH_CHECK(narrow_linear_supported(), "narrow_linear: this build has no AVX-512");
   TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == torch::kFloat32 && h.dim() >= 1 && h.is_contiguous(),
               "narrow_linear: a contiguous float32 CPU input expected");
@@ -1129,19 +1132,35 @@ torch::Tensor narrow_linear(torch::Tensor h, torch::Tensor packed, c10::optional
     masks[j] = static_cast<__mmask16>((1u << lanes) - 1);
     bias_vectors[j] = _mm512_load_ps(padded + 16 * j);
   }
+  int64_t samples = 1;
+  torch::Tensor weights = packed;
+  if (input_scale.has_value() && input_scale->defined()) {
+    samples = input_scale->size(0);
+    TORCH_CHECK(input_scale->dim() == 2 && input_scale->size(1) == K && samples >= 1 && M % samples == 0,
+                "narrow_linear: an input scale (S, K) whose S samples split the rows evenly expected");
+    weights = (packed.unsqueeze(0) * input_scale->detach().to(torch::kFloat32).unsqueeze(-1)).contiguous();
+  }
+  const int64_t rows = M / samples, blocks = rows / kNarrowRows, tail = rows % kNarrowRows;
+  const int64_t tasks = blocks + (tail ? 1 : 0);  // per sample: its whole blocks, then its last rows
   const float* x = h.data_ptr<float>();
-  const float* w = packed.data_ptr<float>();
+  const float* w0 = weights.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  const int64_t blocks = M / kNarrowRows;
   {
     pybind11::gil_scoped_release release;
-    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        narrow_rows<kNarrowRows, true>(x + i * kNarrowRows * K, K, w, bias_vectors,
-                                       res ? res + i * kNarrowRows * N : nullptr, y + i * kNarrowRows * N, N, masks);
+    at::parallel_for(0, samples * tasks, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t sample = t / tasks, i = t % tasks;
+        const float* w = w0 + sample * K * kNarrowWidth;
+        const int64_t m = sample * rows + i * kNarrowRows;
+        if (i < blocks) {
+          narrow_rows<kNarrowRows, true>(x + m * K, K, w, bias_vectors, res ? res + m * N : nullptr, y + m * N, N,
+                                         masks);
+        } else {
+          for (int64_t r = m; r < m + tail; ++r)
+            narrow_rows<1, false>(x + r * K, K, w, bias_vectors, res ? res + r * N : nullptr, y + r * N, N, masks);
+        }
+      }
     });
-    for (int64_t m = blocks * kNarrowRows; m < M; ++m)
-      narrow_rows<1, false>(x + m * K, K, w, bias_vectors, res ? res + m * N : nullptr, y + m * N, N, masks);
   }
 #endif
   return out;
@@ -1401,7 +1420,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spatial_square_sum", &spatial_square_sum, "sum over H and W of a (B, H, W, C) float32 map squared");
   m.def("narrow_linear_supported", &narrow_linear_supported, "whether narrow_linear is built (AVX-512)");
   m.def("narrow_weight", &narrow_weight, "a (N, K) Linear weight, N <= 48, as narrow_linear reads it");
-  m.def("narrow_linear", &narrow_linear, "a float32 Linear with N <= 48 outputs, its bias and a residual add");
+  m.def("narrow_linear", &narrow_linear,
+        "a float32 Linear with N <= 48 outputs, its bias, a residual add and a per-sample input scale");
   m.def("narrow_conv_weight", &narrow_conv_weight, "a (N, Cin, 3, 3) weight, N <= 48, as narrow_conv3x3_s2 reads it");
   m.def("narrow_conv3x3_s2", &narrow_conv3x3_s2,
         "a float32 3x3 stride-2 convolution (padding 1) with N <= 48 outputs, then LayerNorm over them where given");
