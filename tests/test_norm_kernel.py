@@ -36,12 +36,14 @@ def _reference(x, weight, bias, eps, gelu):
     return F.gelu(y) if gelu else y
 
 
-# channel counts that fill whole vectors (16, 48, 80, 320), straddle them (3, 7, 20, 24, 40) and a single one; pixel
-# counts that leave a tail past the last group of 16 pixels
+# channel counts that fill whole vectors (16, 48, 80, 128, 320), straddle them (3, 7, 17, 20, 24, 40, 100, 129) and a
+# single one (on AVX-512 17 to 128 channels take the per-pixel moments); pixel counts that leave a tail past the last
+# group of 16 pixels
 @needs_kernels
 @pytest.mark.parametrize("gelu", [False, True], ids=["norm", "norm+gelu"])
 @pytest.mark.parametrize("shape", [(2, 20, 9, 7), (1, 40, 16, 16), (3, 3, 5, 11), (2, 7, 4, 4), (1, 1, 3, 5),
-                                   (2, 16, 6, 6), (1, 24, 5, 5), (2, 48, 3, 9), (1, 80, 7, 7), (2, 320, 3, 3)],
+                                   (2, 16, 6, 6), (1, 24, 5, 5), (2, 48, 3, 9), (1, 80, 7, 7), (2, 320, 3, 3),
+                                   (1, 17, 4, 5), (1, 100, 5, 5), (2, 128, 3, 5), (1, 129, 2, 9)],
                          ids=str)
 def test_norm_kernel_matches_layer_norm_and_gelu(shape, gelu):
     channels = shape[1]
