@@ -6,7 +6,9 @@ and, with ``--bf16`` on a CPU with native bfloat16, wholly in bfloat16). In ever
 * the whole model once, each stem/downsampling layer and each stage timed inside that call (forward hooks on them);
 * every matrix multiply of that forward again on its own, at its shape and with its weights, as the fast path calls
   it: each block's ``Linear1`` (``C -> 4C``) and ``Linear2`` (``4C -> C``) as oneDNN calls on kept weights, with no
-  post-op (the fast path fuses GELU, and adds the residual, into them), and each stem/downsampling convolution;
+  post-op (the fast path fuses GELU, and adds the residual, into them), or our narrow kernel where the model uses it
+  (33 to 48 outputs, float32, AVX-512), and each stem/downsampling convolution (the narrow kernel's likewise, without
+  the LayerNorm it runs in the model);
 * every depthwise convolution again on its own, through the dispatcher the blocks use;
 * a ``2048 x 2048`` matmul by the faster here of ``torch.mm`` and oneDNN's: the machine's matrix-multiply rate in
   the same round.
@@ -45,7 +47,8 @@ except ImportError:  # running from a checkout without the package installed
     import backbones  # noqa: F401
 
 from backbones.ops import prepacked
-from backbones.unireplknet import UniRepLKNet, UniRepLKNetBlock
+from backbones.ops.cpu_depthwise import narrow_conv3x3_s2, narrow_linear
+from backbones.unireplknet import UniRepLKNet, UniRepLKNetBlock, _narrow_conv_applies, _narrow_linear_applies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone import MATMUL_LIBRARY, MATMUL_SIZE, matmul_step  # noqa: E402
@@ -71,9 +74,11 @@ class Part:
 
 def _linear_call(linear: nn.Linear, x: torch.Tensor, gelu: bool = False) -> Callable[[], object]:
     """``linear`` on the channels-last rows ``x`` as the fast path calls it (kept oneDNN weight; GELU epilogue or
-    none)."""
+    none; a ``Linear2`` of 33 to 48 outputs as our narrow kernel, where the model runs it so)."""
     rows = x.numel() // linear.in_features
     post_op, algorithm = ("gelu", "none") if gelu else ("none", "")
+    if not gelu and _narrow_linear_applies(linear, x):
+        return lambda: narrow_linear(x, linear.weight, linear.bias)
 
     def call():
         weight = prepacked.linear_weight(linear.weight, rows, x.dtype)
@@ -105,7 +110,11 @@ def parts_of(model: UniRepLKNet, x: torch.Tensor) -> List[Part]:
                 if kind == "downsample" and isinstance(module, nn.Conv2d) and module.groups == 1:
                     image = torch.randn(shapes[module], dtype=dtype).contiguous(memory_format=torch.channels_last)
                     out = module(image)
-                    part.gemms.append(lambda module=module, image=image: module(image))
+                    if _narrow_conv_applies(module, image):  # as the model runs it (there with its LayerNorm)
+                        part.gemms.append(lambda module=module, image=image: narrow_conv3x3_s2(
+                            image, module.weight, module.bias))
+                    else:
+                        part.gemms.append(lambda module=module, image=image: module(image))
                     part.gemms_gelu.append(part.gemms[-1])
                     part.gemm_gflop += 2 * out.numel() * module.in_channels * module.kernel_size[0] * \
                         module.kernel_size[1] / 1e9
