@@ -1096,27 +1096,34 @@ constexpr int kNarrowRows = 6;
 constexpr int64_t kNarrowWidth = 48;
 
 #ifdef __AVX512F__
+// acc[r] += sum over k < length of x[r * stride + k] * w[k] (a row of 48 packed outputs) for R rows, prefetching the
+// floats from `next` on (the next block's) along the way
+template <int R, bool kPrefetch>
+inline void narrow_product(__m512 (&acc)[R][3], const float* x, int64_t stride, int64_t length, const float* w,
+                           const float* next, int64_t next_floats) {
+  const int64_t lines = (next_floats + 15) / 16;
+  for (int64_t k = 0; k < length; ++k) {
+    if (kPrefetch)
+      for (int64_t l = k * lines / length; l < (k + 1) * lines / length; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(next + l * 16), _MM_HINT_T0);
+    const __m512 w0 = _mm512_load_ps(w + k * kNarrowWidth), w1 = _mm512_load_ps(w + k * kNarrowWidth + 16),
+                 w2 = _mm512_load_ps(w + k * kNarrowWidth + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_set1_ps(x[r * stride + k]);
+      acc[r][0] = _mm512_fmadd_ps(v, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(v, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(v, w2, acc[r][2]);
+    }
+  }
+}
+
 template <int R, bool kPrefetch>
 inline void narrow_rows(const float* h, int64_t K, const float* w, const __m512* bias, const float* residual,
                         float* out, int64_t N, const __mmask16* masks) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = bias[j];
-  const float* next = h + R * K;
-  const int64_t lines = (R * K + 15) / 16;  // cache lines of the next block's rows
-  for (int64_t k = 0; k < K; ++k) {
-    if (kPrefetch)
-      for (int64_t l = k * lines / K; l < (k + 1) * lines / K; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(next + l * 16), _MM_HINT_T0);
-    const __m512 w0 = _mm512_load_ps(w + k * kNarrowWidth), w1 = _mm512_load_ps(w + k * kNarrowWidth + 16),
-                 w2 = _mm512_load_ps(w + k * kNarrowWidth + 32);
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(h[r * K + k]);
-      acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
-    }
-  }
+  narrow_product<R, kPrefetch>(acc, h, K, K, w, h + R * K, R * K);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) {
       if (!masks[j]) continue;
@@ -1237,25 +1244,9 @@ inline void conv_pixels(const Segment* segments, int count, int64_t pixel_stride
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = bias[j];
-  for (int s = 0; s < count; ++s) {
-    const float* x = segments[s].x;
-    const float* ws = w + segments[s].k0 * kNarrowWidth;
-    const float* next = x + R * pixel_stride;  // the next block's values of this kernel row
-    const int64_t length = segments[s].length, lines = (R * pixel_stride + 15) / 16;
-    for (int64_t k = 0; k < length; ++k) {
-      if (R > 1)
-        for (int64_t l = k * lines / length; l < (k + 1) * lines / length; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(next + l * 16), _MM_HINT_T0);
-      const __m512 w0 = _mm512_load_ps(ws + k * kNarrowWidth), w1 = _mm512_load_ps(ws + k * kNarrowWidth + 16),
-                   w2 = _mm512_load_ps(ws + k * kNarrowWidth + 32);
-      for (int r = 0; r < R; ++r) {
-        const __m512 v = _mm512_set1_ps(x[r * pixel_stride + k]);
-        acc[r][0] = _mm512_fmadd_ps(v, w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(v, w1, acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(v, w2, acc[r][2]);
-      }
-    }
-  }
+  for (int s = 0; s < count; ++s)  // each kernel row's run of values; the next block's values of it prefetched
+    narrow_product<R, (R > 1)>(acc, segments[s].x, pixel_stride, segments[s].length,
+                               w + segments[s].k0 * kNarrowWidth, segments[s].x + R * pixel_stride, R * pixel_stride);
   const float inverse_n = 1.f / static_cast<float>(N);
   for (int r = 0; r < R; ++r) {
     if (ln_weight) {  // the lanes past N hold zeros (zero weights and bias there)
