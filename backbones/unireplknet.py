@@ -332,7 +332,7 @@ def _narrow_kernels() -> bool:
     """Whether our CPU kernels are built here with :func:`narrow_linear` and :func:`narrow_conv3x3_s2` (AVX-512)."""
     global _NARROW_LINEAR
     if _NARROW_LINEAR is None:
-        _NARROW_LINEAR = cpu_kernels_unavailable() is None and narrow_linear_available()
+        _NARROW_LINEAR = narrow_linear_available()
     return _NARROW_LINEAR
 
 

@@ -150,9 +150,16 @@ def _blocked(ext, weight: torch.Tensor) -> torch.Tensor:
     calls for a weight no gradient flows to (inference, a frozen layer), where making it costs about a third of the
     convolution of a small map (93 us against 340 us at 14x14x320, 13x13, batch 1); made afresh for a weight being
     trained or one made in inference mode (which has no version counter to tell when it changes)."""
+    return _kept_unless_changing(weight, "blocked", lambda: ext.blocked_weight(weight), _BLOCKED)
+
+
+def _kept_unless_changing(weight: torch.Tensor, key: str, make, table: WeakIdKeyDictionary) -> torch.Tensor:
+    """``make()``'s copy of ``weight``, kept in ``table`` under ``key`` (:func:`prepacked.kept_copy`) for a weight no
+    gradient flows to; made afresh for a weight being trained or one made in inference mode (no version counter to
+    tell when it changes)."""
     if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
-        return ext.blocked_weight(weight)
-    return kept_copy(weight, "blocked", lambda: ext.blocked_weight(weight), table=_BLOCKED)
+        return make()
+    return kept_copy(weight, key, make, table=table)
 
 
 class _CPUDirectDepthwise(torch.autograd.Function):
@@ -259,10 +266,7 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     the weight instead of the map. The weight's packed copy is kept between calls for a weight that is not being
     trained; not differentiable (inference)."""
     ext = extension()
-    if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
-        packed = ext.narrow_weight(weight)
-    else:
-        packed = kept_copy(weight, "narrow", lambda: ext.narrow_weight(weight), table=_NARROW)
+    packed = _kept_unless_changing(weight, "narrow", lambda: ext.narrow_weight(weight), _NARROW)
     return ext.narrow_linear(x, packed, bias, residual, input_scale, weight.shape[0])
 
 
@@ -276,10 +280,7 @@ def narrow_conv3x3_s2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     The weight's packed copy is kept between calls as :func:`narrow_linear` keeps it; not differentiable
     (inference)."""
     ext = extension()
-    if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_inference():
-        packed = ext.narrow_conv_weight(weight)
-    else:
-        packed = kept_copy(weight, "narrow conv", lambda: ext.narrow_conv_weight(weight), table=_NARROW)
+    packed = _kept_unless_changing(weight, "narrow conv", lambda: ext.narrow_conv_weight(weight), _NARROW)
     return ext.narrow_conv3x3_s2(x, packed, bias, norm_weight, norm_bias, float(eps), weight.shape[0])
 
 

@@ -1151,6 +1151,25 @@ torch::Tensor narrow_weight(torch::Tensor weight) {
   return packed;
 }
 
+// a vector of N values (a bias, a LayerNorm's weight or bias), where given, as float32 in the first N of 48 floats
+// (the rest left as they are: zeros)
+void narrow_padded(const c10::optional<torch::Tensor>& values, int64_t N, float* padded, const char* what) {
+  if (!values.has_value() || !values->defined()) return;
+  auto v = values->detach().to(torch::kFloat32).contiguous();
+  TORCH_CHECK(v.numel() == N, what, " of N values expected");
+  std::copy(v.data_ptr<float>(), v.data_ptr<float>() + N, padded);
+}
+
+#ifdef __AVX512F__
+// the lanes of N outputs in each of the three 16-float vectors of a row, and the padded bias in those vectors
+inline void narrow_lanes(int64_t N, const float* padded_bias, __mmask16 (&masks)[3], __m512 (&bias)[3]) {
+  for (int j = 0; j < 3; ++j) {
+    masks[j] = static_cast<__mmask16>((1u << std::clamp<int64_t>(N - 16 * j, 0, 16)) - 1);
+    bias[j] = _mm512_load_ps(padded_bias + 16 * j);
+  }
+}
+#endif
+
 // h (..., K) contiguous float32; packed as narrow_weight gives it; bias (N) float32 or none; residual (..., N)
 // contiguous float32 or none; input_scale (S, K) or none: the input's channels times a factor per sample, the rows
 // split into S samples of equal count (GRN's factor, applied to S copies of the packed weight instead of the map);
@@ -1169,9 +1188,8 @@ torch::Tensor narrow_linear(torch::Tensor h, torch::Tensor packed, c10::optional
   std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
   shape.back() = N;
   auto out = torch::empty(shape, h.options());
-  torch::Tensor b = bias.has_value() && bias->defined() ? bias->detach().to(torch::kFloat32).contiguous()
-                                                        : torch::zeros({N}, h.options());
-  TORCH_CHECK(b.numel() == N, "narrow_linear: a bias of N values expected");
+  alignas(64) float padded[kNarrowWidth] = {};
+  narrow_padded(bias, N, padded, "narrow_linear: a bias");
   const float* res = nullptr;
   if (residual.has_value() && residual->defined()) {
     TORCH_CHECK(residual->scalar_type() == torch::kFloat32 && residual->is_contiguous() && residual->numel() == M * N,
@@ -1181,13 +1199,7 @@ torch::Tensor narrow_linear(torch::Tensor h, torch::Tensor packed, c10::optional
 #ifdef __AVX512F__
   __mmask16 masks[3];
   __m512 bias_vectors[3];
-  alignas(64) float padded[kNarrowWidth] = {};
-  std::copy(b.data_ptr<float>(), b.data_ptr<float>() + N, padded);
-  for (int j = 0; j < 3; ++j) {
-    const int64_t lanes = std::clamp<int64_t>(N - 16 * j, 0, 16);
-    masks[j] = static_cast<__mmask16>((1u << lanes) - 1);
-    bias_vectors[j] = _mm512_load_ps(padded + 16 * j);
-  }
+  narrow_lanes(N, padded, masks, bias_vectors);
   int64_t samples = 1;
   torch::Tensor weights = packed;
   if (input_scale.has_value() && input_scale->defined()) {
@@ -1296,24 +1308,15 @@ torch::Tensor narrow_conv3x3_s2(torch::Tensor x, torch::Tensor packed, c10::opti
               "narrow_conv3x3_s2: a LayerNorm weight and bias of N values expected");
   auto out = torch::empty({B, N, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   alignas(64) float padded[3][kNarrowWidth] = {};  // bias, LayerNorm weight, LayerNorm bias
-  if (bias.has_value() && bias->defined()) {
-    auto b = bias->detach().to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == N, "narrow_conv3x3_s2: a bias of N values expected");
-    std::copy(b.data_ptr<float>(), b.data_ptr<float>() + N, padded[0]);
-  }
+  narrow_padded(bias, N, padded[0], "narrow_conv3x3_s2: a bias");
   if (norm) {
-    auto g = ln_weight->detach().to(torch::kFloat32).contiguous();
-    auto b = ln_bias->detach().to(torch::kFloat32).contiguous();
-    std::copy(g.data_ptr<float>(), g.data_ptr<float>() + N, padded[1]);
-    std::copy(b.data_ptr<float>(), b.data_ptr<float>() + N, padded[2]);
+    narrow_padded(ln_weight, N, padded[1], "narrow_conv3x3_s2: a LayerNorm weight");
+    narrow_padded(ln_bias, N, padded[2], "narrow_conv3x3_s2: a LayerNorm bias");
   }
 #ifdef __AVX512F__
   __mmask16 masks[3];
   __m512 bias_vectors[3];
-  for (int j = 0; j < 3; ++j) {
-    masks[j] = static_cast<__mmask16>((1u << std::clamp<int64_t>(N - 16 * j, 0, 16)) - 1);
-    bias_vectors[j] = _mm512_load_ps(padded[0] + 16 * j);
-  }
+  narrow_lanes(N, padded[0], masks, bias_vectors);
   const float* xp = x.data_ptr<float>();
   const float* w = packed.data_ptr<float>();
   float* y = out.data_ptr<float>();
