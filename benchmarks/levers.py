@@ -10,6 +10,9 @@ alternation, so a shared machine's drift hits all ways alike; ratios are medians
   untimed call after this way makes them again);
 * ``torch depthwise``: ``use_backend("torch")``: PyTorch's convolution for every depthwise layer, not the measured
   policy (which picks our CPU kernels where they win);
+* ``no narrow kernels``: oneDNN's Linear and convolution where our narrow kernels would run (33 to 48 outputs,
+  float32, AVX-512 CPUs: UniRepLKNet-A's and F's first-stage ``Linear2`` and second stem convolution; elsewhere this
+  way runs what ``all`` runs);
 * ``plain``: ``reference_ops()``: PyTorch's straightforward ops and convolution for the same deploy-form model;
 * with ``--compile``, ``compiled``: ``torch.compile`` (inductor) of the same model, what
   ``optimize_for_inference(compile=True)`` gives (a traced graph takes the blocks' module path, so inductor fuses
@@ -24,6 +27,7 @@ alternation, so a shared machine's drift hits all ways alike; ratios are medians
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -38,13 +42,26 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import backbones  # noqa: F401
 
+from backbones import unireplknet
 from backbones.ops import prepacked, use_backend
 from backbones.runtime import reference_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import optimized_models, write_report  # noqa: E402
 
-WAYS = ("all", "no kept weights", "torch depthwise", "plain")
+WAYS = ("all", "no kept weights", "torch depthwise", "no narrow kernels", "plain")
+
+
+@contextlib.contextmanager
+def _without_narrow_kernels():
+    """The model's narrow layers run oneDNN's ops inside this block (the model asks whether the kernels are built
+    through this flag)."""
+    unireplknet._narrow_kernels()  # settle the flag first
+    previous, unireplknet._NARROW_LINEAR = unireplknet._NARROW_LINEAR, False
+    try:
+        yield
+    finally:
+        unireplknet._NARROW_LINEAR = previous
 
 
 def run_way(way: str, model: torch.nn.Module, x: torch.Tensor, compiled=None) -> float:
@@ -57,6 +74,9 @@ def run_way(way: str, model: torch.nn.Module, x: torch.Tensor, compiled=None) ->
                 compiled(x)
             elif way == "torch depthwise":
                 with use_backend("torch"):
+                    model(x)
+            elif way == "no narrow kernels":
+                with _without_narrow_kernels():
                     model(x)
             elif way == "plain":
                 with reference_ops():

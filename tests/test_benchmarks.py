@@ -109,8 +109,9 @@ def test_levers_benchmark_times_every_way(tmp_path):
     assert "| compiled img/s |" in text and "| all over compiled |" in text
     row = next(line for line in text.splitlines() if line.startswith("| unireplknet_a | float32 | 2 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert len(cells) == 13 and all(float(cell) > 0 for cell in cells[4:9])  # all, 3 levers off, compiled
-    assert all(float(cell.rstrip("x")) > 0 for cell in cells[9:])
+    assert len(cells) == 15 and all(float(cell) > 0 for cell in cells[4:10])  # all, 4 levers off, compiled
+    assert "| no narrow kernels img/s |" in text
+    assert all(float(cell.rstrip("x")) > 0 for cell in cells[10:])
 
 
 def test_ceiling_counts_the_flops_of_every_matrix_multiply_and_depthwise_convolution():

@@ -189,6 +189,32 @@ def test_unireplknet_a_runs_its_narrow_layers_in_our_kernels_and_matches_the_ref
 
 
 @needs_narrow
+def test_the_levers_benchmark_turns_the_narrow_kernels_off_and_back_on(narrow_calls):
+    """benchmarks/levers.py's "no narrow kernels" way: oneDNN's ops inside its block, the same outputs, and the
+    kernels again after it."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        levers = importlib.import_module("levers")
+    finally:
+        sys.path.remove(folder)
+    torch.manual_seed(0)
+    model = optimize_for_inference(timm.create_model("unireplknet_a", num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with levers._without_narrow_kernels():
+            without = model(x)
+        assert not narrow_calls
+        ours = model(x)
+    assert narrow_calls == ["narrow_conv3x3_s2", "narrow_linear+grn", "narrow_linear+grn"]
+    assert relative_error(ours, without) < FLOAT32_TOLERANCE
+
+
+@needs_narrow
 def test_narrow_kernels_stay_out_of_training_hooks_and_other_dtypes(narrow_calls):
     torch.manual_seed(0)
     model = timm.create_model("unireplknet_a", num_classes=10).eval()
