@@ -336,6 +336,18 @@ def _narrow_kernels() -> bool:
     return _NARROW_LINEAR
 
 
+@contextlib.contextmanager
+def _without_narrow_kernels():
+    """Inside this block the narrow layers run oneDNN's ops, as where the kernels are not built (the lever check of
+    ``benchmarks/levers.py``); the previous state comes back after it."""
+    global _NARROW_LINEAR
+    previous, _NARROW_LINEAR = _narrow_kernels(), False
+    try:
+        yield
+    finally:
+        _NARROW_LINEAR = previous
+
+
 def _no_graph(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether no autograd graph would be recorded for an op on ``tensors``."""
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)

@@ -27,7 +27,6 @@ alternation, so a shared machine's drift hits all ways alike; ratios are medians
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -42,26 +41,15 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import backbones  # noqa: F401
 
-from backbones import unireplknet
 from backbones.ops import prepacked, use_backend
 from backbones.runtime import reference_ops
+from backbones.unireplknet import _without_narrow_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import optimized_models, write_report  # noqa: E402
 
 WAYS = ("all", "no kept weights", "torch depthwise", "no narrow kernels", "plain")
 
-
-@contextlib.contextmanager
-def _without_narrow_kernels():
-    """The model's narrow layers run oneDNN's ops inside this block (the model asks whether the kernels are built
-    through this flag)."""
-    unireplknet._narrow_kernels()  # settle the flag first
-    previous, unireplknet._NARROW_LINEAR = unireplknet._NARROW_LINEAR, False
-    try:
-        yield
-    finally:
-        unireplknet._NARROW_LINEAR = previous
 
 
 def run_way(way: str, model: torch.nn.Module, x: torch.Tensor, compiled=None) -> float:

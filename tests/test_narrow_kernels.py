@@ -189,24 +189,14 @@ def test_unireplknet_a_runs_its_narrow_layers_in_our_kernels_and_matches_the_ref
 
 
 @needs_narrow
-def test_the_levers_benchmark_turns_the_narrow_kernels_off_and_back_on(narrow_calls):
-    """benchmarks/levers.py's "no narrow kernels" way: oneDNN's ops inside its block, the same outputs, and the
-    kernels again after it."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, folder)
-    try:
-        levers = importlib.import_module("levers")
-    finally:
-        sys.path.remove(folder)
+def test_the_narrow_kernels_turn_off_for_the_lever_check_and_back_on(narrow_calls):
+    """The switch behind benchmarks/levers.py's "no narrow kernels" way: oneDNN's ops inside its block, the same
+    outputs, and the kernels again after it."""
     torch.manual_seed(0)
     model = optimize_for_inference(timm.create_model("unireplknet_a", num_classes=10))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        with levers._without_narrow_kernels():
+        with unireplknet._without_narrow_kernels():
             without = model(x)
         assert not narrow_calls
         ours = model(x)
