@@ -148,7 +148,7 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(UniPerceptionError, match="forecasting.*time_series"):
         UniPerceiver("audio", task="forecasting")
     with pytest.raises(UniPerceptionError, match="num_classes or class_names"):
-        UniPerceiver("image")
+        UniPerceiver("image", task="classification")
     for names in ("cat", ["a", "a"]):
         with pytest.raises(UniPerceptionError, match="class_names must be a list of distinct names"):
             UniPerceiver("image", class_names=names)
@@ -228,7 +228,7 @@ def test_saving_into_an_existing_directory_keeps_other_files_and_detects_a_half_
     run.mkdir()
     (run / "train.log").write_text("epoch 1\n")
     UniPerceiver("image", num_classes=2, **IMAGE).save_pretrained(run)
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "train.log"]
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "config.json", "model.safetensors", "train.log"]
     old_config = (run / "config.json").read_text()
     UniPerceiver("image", num_classes=2, **IMAGE).save_pretrained(run)  # new weights, same shapes
     (run / "config.json").write_text(old_config)  # as if the save stopped between its two renames

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import randomise_statistics, relative_error
 from uniperception import UniPerceiver
+from uniperception.errors import UniPerceptionError
 
 CLASSES = ["cat", "dog", "bird"]
 MODALITIES = ["image", "audio", "video", "point_cloud", "time_series"]
@@ -306,21 +307,43 @@ def test_embed_is_the_pooled_features(files, modality):
     assert not torch.allclose(many[0], many[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_the_call_as_written_is_an_embedding_model(files, modality):
+    """``UniPerceiver(modality=m)`` with no other argument embeds files, one vector per file; it warns once that
+    its weights are untrained, says so in its repr, and refuses to predict classes it does not have."""
+    import warnings
+
+    model = UniPerceiver(modality=modality)
+    assert model.task == "embedding" and "UNTRAINED" in repr(model)
+    sources = files[modality]
+    if modality == "time_series":  # the default adapter reads univariate series
+        sources = []
+        for index, path in enumerate(files[modality]):
+            sources.append(path.with_name(f"univariate{index}.csv"))
+            series_table(60 + 20 * index, "1h", index)[["timestamp", "load"]].to_csv(sources[-1], index=False)
+    with pytest.warns(UserWarning, match="never trained or loaded"):
+        vectors = model.embed(sources)
+    assert vectors.shape == (len(sources), model.backbone.num_features) and torch.isfinite(vectors).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model
+        one = model.embed(sources[0])
+    torch.testing.assert_close(one, vectors[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(UniPerceptionError, match=r"without classes.*embed\(\).*num_classes"):
+        model.predict(sources)
+
+
 @pytest.mark.parametrize("modality", ["audio", "point_cloud"])
-def test_embedding_task_predicts_what_embed_returns(files, modality):
+def test_embedding_task_forward_is_the_pooled_features(files, modality):
     model = UniPerceiver(modality=modality, task="embedding", **SETTINGS[modality])
     sources = files[modality]
-    results = model.predict(sources)
     vectors = model.embed(sources)
-    for source, result, vector in zip(sources, results, vectors, strict=True):
-        assert result["source"] == str(source)
-        torch.testing.assert_close(result["embedding"], vector, rtol=1e-5, atol=1e-5)
     batch = model.adapters[modality].collate(preprocessed(model, sources))
     with torch.no_grad():
         forward = model.eval()(batch)
         features, context = model.features(batch)
     pooled = features.view(len(sources), context["maps_per_sample"], -1).mean(1)
     torch.testing.assert_close(forward, pooled, rtol=1e-5, atol=1e-5)
+    assert vectors.shape == pooled.shape
 
 
 # ---------------------------------------------------------------------------------------------------------------------

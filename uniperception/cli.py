@@ -505,7 +505,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     args = _merged(args, args.parser)
     model = UniPerceiver.from_pretrained(args.model)
-    results = model.predict(list(args.files), batch_size=args.batch_size)
+    if model.task == "embedding":  # a model without classes answers with its embeddings
+        vectors = model.embed(list(args.files), batch_size=args.batch_size)
+        results = [{"source": str(f), "embedding": v} for f, v in zip(args.files, vectors, strict=True)]
+    else:
+        results = model.predict(list(args.files), batch_size=args.batch_size)
     rows = []
     for result in results:
         row = {"source": result["source"]}

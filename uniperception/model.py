@@ -29,15 +29,17 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from backbones.checkpoint import read_state_dict
-from backbones.errors import CheckpointError
+from backbones.errors import BackboneError, CheckpointError
 from modalities import create_adapter, list_modalities
 
 from .errors import UniPerceptionError
@@ -102,7 +104,8 @@ def _per_modality(value: Any, modalities: Sequence[str], what: str) -> Dict[str,
     return {m: value for m in modalities}
 
 
-class UniPerceiver(nn.Module):
+class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", license="apache-2.0",
+                   paper_url="https://arxiv.org/abs/2311.15599", tags=["unireplknet", "multimodal"]):
     """Raw data of one or more modalities to class probabilities, forecasts or embeddings.
 
     Args:
@@ -111,7 +114,13 @@ class UniPerceiver(nn.Module):
             ``resnet50``, ...).
         num_classes: classes (classification); a dict keyed by modality when there are several. Taken from
             ``class_names`` when omitted.
-        task: ``"classification"``, ``"forecasting"`` (time series) or ``"embedding"``.
+        task: ``"classification"``, ``"forecasting"`` (time series) or ``"embedding"``. By default classification
+            when ``num_classes`` or ``class_names`` is given, else embedding: ``UniPerceiver(modality="audio")`` is
+            a model that turns audio into vectors (:meth:`embed`).
+        pretrained: start the backbone from published weights: a tag of the backbone's timm configurations
+            (``"in1k"``, ``"in22k_ft_in1k_384"``, ``"in22k"`` for UniRepLKNet) or ``True`` for its default tag.
+            They are fetched through ``huggingface_hub``'s cache (offline from that cache); the first convolution
+            is adapted to each modality's channel count with timm's ``adapt_input_conv``.
         class_names: names of the classes, kept with the model (a dict keyed by modality for several).
         kernel_sizes: UniRepLKNet kernel plan: one int per stage, one tuple per stage, or one int for the last stage
             only (``kernel_sizes=11``).
@@ -126,15 +135,18 @@ class UniPerceiver(nn.Module):
         modality: Union[str, Sequence[str]] = "image",
         backbone: str = "unireplknet_a",
         num_classes: Union[int, Dict[str, int], None] = None,
-        task: str = "classification",
+        task: Optional[str] = None,
         class_names: Union[Sequence[str], Dict[str, Sequence[str]], None] = None,
         kernel_sizes: Any = None,
         drop_path_rate: float = 0.0,
         head_dropout: float = 0.0,
         adapters: Optional[Dict[str, Dict[str, Any]]] = None,
+        pretrained: Union[bool, str, None] = None,
         **adapter_config: Any,
     ):
         super().__init__()
+        if task is None:
+            task = "embedding" if num_classes is None and class_names is None else "classification"
         modalities = [modality] if isinstance(modality, str) else list(modality)
         known = list_modalities()
         if not modalities or len(set(modalities)) != len(modalities):
@@ -160,6 +172,9 @@ class UniPerceiver(nn.Module):
             raise UniPerceptionError(f"adapters must be a dict keyed by modality, got {type(adapters).__name__}")
         self.modalities, self.task, self.backbone_name = modalities, task, backbone
         self.kernel_sizes, self.drop_path_rate, self.head_dropout = kernel_sizes, drop_path_rate, head_dropout
+        if pretrained is not None and not isinstance(pretrained, (bool, str)):
+            raise UniPerceptionError(f"pretrained must be a tag such as 'in1k', True or None, got {pretrained!r}")
+        self.pretrained = (pretrained or None) if pretrained is not True else "default"
 
         self.adapters = nn.ModuleDict()
         for name in modalities:
@@ -204,6 +219,47 @@ class UniPerceiver(nn.Module):
                                                    head_dropout)
             else:
                 self.heads[name] = EmbeddingHead(adapter.maps_per_sample)
+        # where the weights come from: nothing yet, published backbone weights, or training / a loaded state
+        self._backbone_origin: Optional[str] = f"published weights ({self.pretrained})" if self.pretrained else None
+        self._trained = False
+        self._warned_untrained = False
+        self.register_load_state_dict_post_hook(_note_loaded)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # where the weights come from
+
+    def mark_trained(self) -> "UniPerceiver":
+        """Record that every weight has been trained (the :class:`~uniperception.engine.Trainer` calls this) or
+        loaded; loading a state dict records it by itself."""
+        self._trained = True
+        return self
+
+    @property
+    def untrained(self) -> Optional[str]:
+        """``None`` when the parts that make the model's answers were trained or loaded; else what is not."""
+        if self._trained:
+            return None
+        if self.task == "embedding":
+            return None if self._backbone_origin else "its weights were never trained or loaded"
+        backbone = f"the backbone holds {self._backbone_origin}" if self._backbone_origin else \
+            "the backbone is randomly initialised too"
+        return f"its {self.task} head was never trained or loaded ({backbone})"
+
+    def _warn_if_untrained(self, embedding: bool = False) -> None:
+        problem = self.untrained
+        if embedding and problem is not None:  # embeddings need a trained or published backbone, not the heads
+            problem = None if self._backbone_origin else "its weights were never trained or loaded"
+        if problem is None or self._warned_untrained:
+            return
+        self._warned_untrained = True
+        warnings.warn(f"this UniPerceiver ({', '.join(self.modalities)}, {self.task}): {problem}, so its answers "
+                      "carry no meaning yet. Train it (uniperception.engine.Trainer, `uniperception train`) or load "
+                      "a trained model (UniPerceiver.from_pretrained)", UserWarning, stacklevel=3)
+
+    def extra_repr(self) -> str:
+        state = "trained or loaded" if self._trained else (f"UNTRAINED: {self.untrained}" if self.untrained else
+                                                           f"backbone from {self._backbone_origin}")
+        return f"modalities={self.modalities}, task={self.task!r}, backbone={self.backbone_name!r}, weights: {state}"
 
     # ---------------------------------------------------------------------------------------------------------------
     # construction
@@ -221,17 +277,31 @@ class UniPerceiver(nn.Module):
                 f"unknown backbone {self.backbone_name!r}; UniRepLKNet variants: {', '.join(variants)}; or any timm "
                 f"model name (timm.list_models())"
             )
-        kwargs: Dict[str, Any] = dict(in_chans=self.adapters[self.modalities[0]].out_channels, num_classes=0)
+        # with several modalities the stems are made from the backbone's own first convolution: a 3-channel one
+        # when it comes from published (RGB) weights, so each modality adapts the original kernel
+        several = len(self.modalities) > 1
+        in_chans = 3 if several and self.pretrained else self.adapters[self.modalities[0]].out_channels
+        kwargs: Dict[str, Any] = dict(in_chans=in_chans, num_classes=0)
         if self.drop_path_rate:
             kwargs["drop_path_rate"] = self.drop_path_rate
         if self.kernel_sizes is not None:
             if not self.is_unireplknet:
                 raise UniPerceptionError(f"kernel_sizes applies to UniRepLKNet backbones, not {self.backbone_name!r}")
             kwargs["kernel_sizes"] = self._kernel_plan(self.kernel_sizes)
+        name = self.backbone_name
+        if self.pretrained:
+            name = name if self.pretrained == "default" else f"{name}.{self.pretrained}"
+            tags = timm.list_pretrained(f"{self.backbone_name}.*")
+            if self.pretrained != "default" and name not in tags:
+                raise UniPerceptionError(f"no published weights {name!r}; the tags of {self.backbone_name} are: "
+                                         f"{', '.join(t.split('.', 1)[1] for t in tags) or 'none'}")
+            kwargs["pretrained"] = True
         try:
-            return timm.create_model(self.backbone_name, **kwargs)
+            return timm.create_model(name, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise UniPerceptionError(f"cannot build backbone {self.backbone_name!r} with {kwargs}: {exc}") from exc
+            if isinstance(exc, (UniPerceptionError, BackboneError)):
+                raise
+            raise UniPerceptionError(f"cannot build backbone {name!r} with {kwargs}: {exc}") from exc
 
     def _kernel_plan(self, kernel_sizes: Any) -> Any:
         """One int means the last stage (e.g. the video recipe's 11); anything else goes to UniRepLKNet as given."""
@@ -378,15 +448,25 @@ class UniPerceiver(nn.Module):
         Classification: ``{"source", "label", "class_name", "probabilities", "windows"}`` per source, where long
         audio clips and videos are split into windows (``adapter.windows``) whose probabilities are averaged.
         Forecasting: ``{"source", "forecast" (T, D), "timestamps" (or None), "columns"}`` from the last ``length``
-        steps of each series. Embedding: ``{"source", "embedding" (C,)}``. One source gives one dict, a list a list.
+        steps of each series. An embedding model (built without classes) has nothing to predict: it raises and
+        points to :meth:`embed`. A model whose answering parts were never trained or loaded warns once. One source
+        gives one dict, a list a list.
+
+        With several modalities, ``sources`` may mix them: a dict ``{modality: sources}`` gives a dict of answers,
+        and a list of files is sorted by file suffix (:data:`uniperception.data.FILE_SUFFIXES`) into modalities,
+        the answers coming back in the list's order, each with its ``"modality"``.
         """
         from modalities.sources import describe_source
 
+        mixed = self._mixed(sources, modality)
+        if mixed is not None:
+            return self._answer_mixed(mixed, sources, lambda items, m: self.predict(items, m, batch_size), list)
         if self.task == "embedding":
-            modality, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
-            results = [{"source": describe_source(s), "embedding": p.mean(0)}
-                       for s, p in zip(items, pieces, strict=True)]
-            return results[0] if single else results
+            raise UniPerceptionError(
+                f"this model ({', '.join(self.modalities)}) was built without classes, so it embeds (embed()) and "
+                "has nothing to predict: build it with num_classes= or class_names= and train it, or load a trained "
+                "model (UniPerceiver.from_pretrained)")
+        self._warn_if_untrained()
         modality, items, raws, pieces, single = self._run(sources, modality, batch_size, "predict")
         adapter = self.adapters[modality]
         results = []
@@ -404,13 +484,52 @@ class UniPerceiver(nn.Module):
 
     def embed(self, sources: Any, modality: Optional[str] = None, batch_size: int = 16) -> torch.Tensor:
         """Pooled backbone features of raw sources: ``(C,)`` for one source, ``(N, C)`` for a list (averaged over a
-        sample's maps and a long clip's windows)."""
+        sample's maps and a long clip's windows). Several modalities may be mixed as in :meth:`predict`: a dict
+        gives a dict of ``(N, C)`` tensors, a list of files one ``(N, C)`` tensor in the list's order."""
+        mixed = self._mixed(sources, modality)
+        if mixed is not None:
+            return self._answer_mixed(mixed, sources, lambda items, m: self.embed(items, m, batch_size), torch.stack)
+        self._warn_if_untrained(embedding=True)
         _, items, _, pieces, single = self._run(sources, modality, batch_size, "embed")
         if not items:
             width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             return torch.empty(0, width)
         vectors = torch.stack([p.mean(0) for p in pieces])
         return vectors[0] if single else vectors
+
+    def _mixed(self, sources: Any, modality: Optional[str]) -> Optional[Dict[str, List[int]]]:
+        """For sources of several modalities: the positions of each modality's sources (a dict of sources: its
+        keys), else None."""
+        if modality is not None or len(self.modalities) == 1:
+            return None
+        if isinstance(sources, dict):
+            for name in sources:
+                self._modality(name)
+            return {name: [] for name in sources}
+        if not isinstance(sources, (list, tuple)) or not sources or \
+                not all(isinstance(s, (str, os.PathLike)) for s in sources):
+            return None  # a single source or in-memory data: _modality asks for modality=
+        from .data import FILE_SUFFIXES
+
+        positions: Dict[str, List[int]] = {}
+        for index, source in enumerate(sources):
+            suffix = Path(source).suffix.lower()
+            owners = [m for m in self.modalities if suffix in FILE_SUFFIXES.get(m, ())]
+            if len(owners) != 1:
+                why = "no modality of this model reads" if not owners else f"{' and '.join(owners)} all read"
+                raise UniPerceptionError(f"{source}: {why} {suffix or 'files without a suffix'}; pass the sources "
+                                         "as a dict {modality: [files]} or give modality=")
+            positions.setdefault(owners[0], []).append(index)
+        return positions
+
+    def _answer_mixed(self, positions: Dict[str, List[int]], sources: Any, answer, join):
+        if isinstance(sources, dict):
+            return {name: answer(items, name) for name, items in sources.items()}
+        answers: List[Any] = [None] * len(sources)
+        for name, indices in positions.items():
+            for index, result in zip(indices, answer([sources[i] for i in indices], name), strict=True):
+                answers[index] = dict(result, modality=name) if isinstance(result, dict) else result
+        return join(answers)
 
     # ---------------------------------------------------------------------------------------------------------------
     # deploy form and export
@@ -480,11 +599,17 @@ class UniPerceiver(nn.Module):
             "class_names": self.class_names,
             "adapters": {m: self.adapters[m].config for m in self.modalities},
             "deploy": self.deploy,
+            "pretrained": self.pretrained,
+            "trained": self._trained,
         }
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed; other files in it are
-        left alone).
+    def save_pretrained(self, directory: Union[str, os.PathLike], *, config: Optional[Dict[str, Any]] = None,
+                        repo_id: Optional[str] = None, push_to_hub: bool = False,
+                        model_card_kwargs: Optional[Dict[str, Any]] = None, **push_to_hub_kwargs: Any) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and, where none is there yet, a model card ``README.md``
+        into ``directory`` (created if needed; other files in it are left alone): the Hugging Face Hub layout, so
+        the folder can be uploaded as it is (``push_to_hub=True`` with ``repo_id``, or :meth:`push_to_hub`).
+        ``config``: extra JSON-serialisable entries kept under ``"user_config"`` in ``config.json``.
 
         Both files are written to a hidden staging folder first. A new directory appears in one rename; in an existing
         one the weights and then the configuration replace the old files, and the configuration records the weights'
@@ -502,29 +627,47 @@ class UniPerceiver(nn.Module):
         try:
             tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
             save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-            config = dict(self.config, weights_sha256=_sha256(staging / WEIGHTS_NAME))
-            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            saved = dict(self.config, weights_sha256=_sha256(staging / WEIGHTS_NAME))
+            if config:
+                saved["user_config"] = config
+            (staging / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
+            if not (directory / "README.md").exists():
+                self.generate_model_card(**(model_card_kwargs or {})).save(staging / "README.md")
             os.chmod(staging, 0o777 & ~umask())  # as an ordinary new directory (mkdtemp makes it owner-only)
             if directory.exists():
                 os.replace(staging / WEIGHTS_NAME, directory / WEIGHTS_NAME)
                 os.replace(staging / CONFIG_NAME, directory / CONFIG_NAME)
+                if (staging / "README.md").exists():
+                    os.replace(staging / "README.md", directory / "README.md")
                 staging.rmdir()
             else:
                 os.replace(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if push_to_hub:
+            self.push_to_hub(repo_id or directory.name, config=config, model_card_kwargs=model_card_kwargs,
+                             **push_to_hub_kwargs)
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu"
-                        ) -> "UniPerceiver":
+    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu", *,
+                        revision: Optional[str] = None, cache_dir: Union[str, os.PathLike, None] = None,
+                        force_download: bool = False, token: Union[str, bool, None] = None,
+                        local_files_only: bool = False) -> "UniPerceiver":
         """Rebuild a model written by :meth:`save_pretrained` (train or deploy form) with identical outputs, in
-        evaluation mode (call ``.train()`` to fine-tune it)."""
+        evaluation mode (call ``.train()`` to fine-tune it).
+
+        ``directory`` is a local folder or a Hugging Face Hub repository id (``"org/name"``, optionally at
+        ``revision``), fetched through ``huggingface_hub``'s cache (offline from it with ``HF_HUB_OFFLINE=1`` or
+        ``local_files_only=True``). A folder or repository that is not a complete, matching pair of configuration
+        and weights raises :class:`CheckpointError`: nothing is loaded partly.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = _model_folder(directory, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                  token=token, local_files_only=local_files_only)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for needed in (config_path, weights_path):
             if not needed.is_file():
@@ -553,6 +696,10 @@ class UniPerceiver(nn.Module):
             raise CheckpointError(f"{weights_path}: does not match {config_path} (its SHA-256 differs from the one "
                                   "recorded at saving: an interrupted save or a file copied from another model)")
         model._load_exactly(state_dict, weights_path)
+        # a saved model that was never trained stays marked as such (files without the mark were trained)
+        model._trained = bool(config.get("trained", True))
+        model._backbone_origin = model._backbone_origin or (f"published weights ({config['pretrained']})"
+                                                            if config.get("pretrained") else None)
         return model.to(map_location).eval()
 
     def _load_exactly(self, state_dict: Dict[str, torch.Tensor], name: Any) -> None:
@@ -590,6 +737,7 @@ class UniPerceiver(nn.Module):
                 load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
             else:
                 self._load_through_plain_stem(state_dict, path, trusted)
+            self._backbone_origin = str(path)
             return self
         # another timm backbone: strip wrappers, drop the classifier, adapt the first conv, load the rest
         for prefix in ("model.", "module.", "backbone."):
@@ -621,6 +769,7 @@ class UniPerceiver(nn.Module):
         if missing or unexpected:
             raise CheckpointError(f"{path}: does not fit {self.backbone_name}: missing {missing[:6]}, "
                                   f"unexpected {unexpected[:6]}")
+        self._backbone_origin = str(path)
         return self
 
     def _load_through_plain_stem(self, state_dict: Dict[str, torch.Tensor], path: Path, trusted: bool) -> None:
@@ -651,6 +800,44 @@ class UniPerceiver(nn.Module):
                 conv.weight.copy_(adapt_input_conv(conv.in_channels, plain.weight.detach().float(), base_chans=3))
                 if conv.bias is not None and plain.bias is not None:
                     conv.bias.copy_(plain.bias.detach())
+
+
+def _model_folder(name: Union[str, os.PathLike], **download: Any) -> Path:
+    """A local folder as it is; a Hub repository id (``org/name``) fetched into ``huggingface_hub``'s cache."""
+    path = Path(name).expanduser()
+    text = str(name)
+    if path.exists() or isinstance(name, Path) or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                         RepositoryNotFoundError)
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"], **download))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{text}: no such local folder, and no Hugging Face Hub model repository of that name "
+                              "(or it is private: pass token=)") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{text}: not a local folder, and the Hugging Face Hub repository of that name is not in the local cache "
+            f"({_hub_cache()}) while downloads are off or the Hub cannot be reached; download it where the network "
+            f"reaches the Hub (huggingface-cli download {text}) or pass a local folder written by save_pretrained"
+        ) from None
+    except HFValidationError:
+        raise CheckpointError(f"{text}: no such local folder, and not a valid Hub repository id (org/name)") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise CheckpointError(f"{text}: cannot fetch this model from the Hugging Face Hub ({exc})") from None
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _note_loaded(module: "UniPerceiver", incompatible_keys) -> None:
+    """A whole model's state dict was loaded: its weights are no longer the random initialisation."""
+    module._trained = True
 
 
 def _sha256(path: Path) -> str:
