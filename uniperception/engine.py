@@ -48,7 +48,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -61,7 +61,9 @@ from .data import collate_skipping
 from .errors import UniPerceptionError
 from .files import atomic_write
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError"]
+__all__ = ["SCHEDULES", "TrainConfig", "Trainer", "TrainingError", "modality_schedule"]
+
+SCHEDULES = ("proportional", "round_robin")
 
 
 class TrainingError(UniPerceptionError, RuntimeError):
@@ -80,8 +82,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    mixup: Union[float, Dict[str, float]] = 0.0  # one alpha, or one per modality ({"image": 0.8, "audio": 0.6})
+    cutmix: Union[float, Dict[str, float]] = 0.0
     ema_decay: Optional[float] = None
     accumulation_steps: int = 1
     clip_grad: Optional[float] = None
@@ -97,14 +99,22 @@ class TrainConfig:
     sync_bn: bool = False  # synchronise BatchNorm statistics across torchrun processes
     season: int = 1  # forecasting: the seasonal period of the naive forecast that MASE divides by
     tensorboard: bool = False  # also write TensorBoard event files to OUTPUT/tensorboard
+    # several modalities: "proportional" (every batch of every set once per epoch, the modalities interleaved at
+    # random in proportion to their batches) or "round_robin" (the modalities take turns batch by batch; an epoch
+    # ends when the largest set has been seen once, the smaller ones starting over reshuffled)
+    schedule: str = "proportional"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accumulation_steps < 1 or self.season < 1:
             raise UniPerceptionError("epochs, batch_size, accumulation_steps and season must be at least 1")
         if self.amp not in (None, "bf16", "fp16"):
             raise UniPerceptionError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
-        if not 0 <= self.label_smoothing < 1 or self.mixup < 0 or self.cutmix < 0:
-            raise UniPerceptionError("label_smoothing must be in [0, 1) and mixup, cutmix non-negative")
+        alphas = [v for a in (self.mixup, self.cutmix) for v in (a.values() if isinstance(a, dict) else [a])]
+        if not 0 <= self.label_smoothing < 1 or any(not isinstance(v, (int, float)) or v < 0 for v in alphas):
+            raise UniPerceptionError("label_smoothing must be in [0, 1) and mixup, cutmix non-negative numbers (or "
+                                     "dicts of them keyed by modality)")
+        if self.schedule not in SCHEDULES:
+            raise UniPerceptionError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
@@ -136,29 +146,56 @@ class _Counting:
         return self.collate(items), sum(item is None for item in items)
 
 
+def modality_schedule(batches: Dict[str, int], schedule: str, seed: int, epoch: int) -> List[str]:
+    """The modality of each step of an epoch, given each modality's number of batches: a function of
+    ``(seed, epoch)`` alone, so every process of a distributed run and a resumed run take the same order.
+
+    ``proportional``: each modality's batches once, interleaved at random (a seeded permutation), so a modality's
+    share of the updates is its share of the data. ``round_robin``: the modalities in turn, ``max(batches)`` steps
+    each, so every modality gets as many updates as the largest.
+    """
+    names = sorted(batches)
+    if schedule == "round_robin":
+        return [name for _ in range(max(batches.values())) for name in names]
+    if schedule != "proportional":
+        raise UniPerceptionError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    order = [name for name in names for _ in range(batches[name])]
+    permutation = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return [order[i] for i in permutation.tolist()]
+
+
 class Trainer:
-    """Fit a single-modality :class:`UniPerceiver` on ``train_data`` and evaluate on ``val_data``.
+    """Fit a :class:`UniPerceiver` on ``train_data`` and evaluate on ``val_data``.
 
     Datasets yield ``(sample, label)`` (classification) or ``(window, target)`` (forecasting), as the datasets of
     :mod:`uniperception.data` do; ``None`` items (unreadable samples) are skipped.
+
+    A model of several modalities trains on all of them at once: ``train_data`` (and ``val_data``) is then a dict
+    keyed by modality, one dataset each (a subset of the model's modalities is fine). Every step takes one batch of
+    one modality through its adapter, stem, the shared backbone and its head; ``config.schedule`` orders the
+    modalities within an epoch (:func:`modality_schedule`). Metrics are kept per modality (``val_<modality>_top1``,
+    ``train_loss_<modality>``, ...) and as their mean over modalities (``val_top1``, ``val_loss``), which picks the
+    best checkpoint.
     """
 
-    def __init__(self, model, train_data: Dataset, val_data: Optional[Dataset] = None,
-                 config: Optional[TrainConfig] = None):
+    def __init__(self, model, train_data: Union[Dataset, Dict[str, Dataset]],
+                 val_data: Union[Dataset, Dict[str, Dataset], None] = None, config: Optional[TrainConfig] = None):
         self.config = config or TrainConfig()
-        if len(model.modalities) != 1:
-            raise UniPerceptionError("Trainer trains one modality at a time; this model has "
-                                     f"{model.modalities}")
-        self.model, self.train_data, self.val_data = model, train_data, val_data
-        self.modality = model.modalities[0]
-        self.adapter = model.adapters[self.modality]
+        self.model = model
+        self.train_sets = _per_modality(model, train_data, "train_data")
+        self.val_sets = _per_modality(model, val_data, "val_data") if val_data is not None else {}
+        self.modalities = sorted(self.train_sets)
+        missing = sorted(set(self.val_sets) - set(self.train_sets))
+        if missing:
+            raise UniPerceptionError(f"val_data has modalities without training data: {missing}")
+        self.joint = len(model.modalities) > 1
         self.task = model.task
         if self.task == "embedding":
             raise UniPerceptionError("an embedding model has no loss to train; build it for classification")
         self.device = _device(self.config.device)
         if self.config.amp == "fp16" and self.device.type != "cuda":
             raise UniPerceptionError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
-        length = getattr(self.adapter, "length", None)
+        length = getattr(model.adapters[self.modalities[0]], "length", None)
         if self.task == "forecasting" and length is not None and self.config.season > length:
             raise UniPerceptionError(f"season {self.config.season} is longer than the look-back of {length} steps: "
                                      "the seasonal-naive forecast needs one whole season of history")
@@ -214,8 +251,9 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                # every parameter of a single-modality UniPerceiver takes part in each forward pass
-                find_unused_parameters=False,
+                # every parameter of a single-modality UniPerceiver takes part in each forward pass; with several,
+                # a step leaves the other modalities' adapters, stems and heads without gradients
+                find_unused_parameters=self.joint,
             )
         self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=config.lr,
                                              weight_decay=config.weight_decay, filter_bias_and_bn=True)
@@ -229,11 +267,15 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
         self.num_updates = 0
         self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
-        self.mixup = None
-        if self.task == "classification" and (config.mixup > 0 or config.cutmix > 0):
-            classes = len(self.model.class_names[self.modality])
-            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
-                               label_smoothing=config.label_smoothing, num_classes=classes)
+        self.mixups: Dict[str, Any] = {}
+        if self.task == "classification":
+            for m in self.modalities:
+                mixup, cutmix = _for_modality(config.mixup, m), _for_modality(config.cutmix, m)
+                if mixup > 0 or cutmix > 0:
+                    self.mixups[m] = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix,
+                                           label_smoothing=config.label_smoothing,
+                                           num_classes=len(self.model.class_names[m]))
+        if self.mixups:  # soft targets: mixed ones, and one-hot ones (smoothed) for modalities without mixing
             self.criterion = SoftTargetCrossEntropy()
         elif self.task == "classification":
             self.criterion = (LabelSmoothingCrossEntropy(config.label_smoothing) if config.label_smoothing > 0
@@ -241,14 +283,17 @@ class Trainer:
         else:
             self.criterion = torch.nn.MSELoss()
 
-    def _loader(self, data: Dataset, shuffle: bool, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch * 101 + self.dist.rank)
+    def _loader(self, data: Dataset, shuffle: bool, epoch: int, modality: str, restart: int = 0) -> DataLoader:
+        """Batches of one modality's set; ``restart`` numbers the passes after the first within an epoch
+        (round-robin), each shuffled anew."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch * 101 + self.dist.rank
+                                                  + restart * 7)
         if shuffle:
             # the same permutation in every process (seeded by seed and epoch), each taking every world_size-th
             # index: N processes with batch B together see what one process sees with batch N*B
             sampler = DistributedSampler(data, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
                                          seed=self.config.seed)
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch + restart * 100003)
             share = len(sampler)
         else:
             sampler = distributed.shard(len(data), self.dist)
@@ -256,7 +301,7 @@ class Trainer:
         # a last training batch of one sample would give BatchNorm a single value per channel: leave it out
         drop_last = shuffle and share > self.config.batch_size and share % self.config.batch_size == 1
         return DataLoader(data, batch_size=self.config.batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=self.config.num_workers, collate_fn=_Counting(self.adapter),
+                          num_workers=self.config.num_workers, collate_fn=_Counting(self.model.adapters[modality]),
                           worker_init_fn=_seed_worker, generator=generator)
 
     def _autocast(self):
@@ -290,6 +335,9 @@ class Trainer:
             raise TrainingError(f"{path}: cannot resume from this checkpoint ({exc})") from exc
         if state.get("model_config", {}).get("modalities") != self.model.config["modalities"]:
             raise TrainingError(f"{path}: the checkpoint belongs to another model configuration")
+        if state.get("config", {}).get("schedule", "proportional") != self.config.schedule and self.joint:
+            raise TrainingError(f"{path}: the run was trained with schedule={state['config']['schedule']!r}, not "
+                                f"{self.config.schedule!r}: resume it with the same schedule")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -333,22 +381,24 @@ class Trainer:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
-        steps = len(self._loader(self.train_data, True, 0))
-        if not self.dist.all_true(steps > 0):
-            raise UniPerceptionError("the training set is empty" if not self.dist.enabled else
-                                     "the training set is empty or smaller than the number of processes")
-        self._build(steps)
+        batches = {m: len(self._loader(data, True, 0, m)) for m, data in self.train_sets.items()}
+        for modality, count in batches.items():
+            if not self.dist.all_true(count > 0):
+                which = f"the {modality} training set" if self.joint else "the training set"
+                raise UniPerceptionError(f"{which} is empty" if not self.dist.enabled else
+                                         f"{which} is empty or smaller than the number of processes")
+        self._build(len(modality_schedule(batches, self.config.schedule, self.config.seed, 0)))
         start, best = self._resume()
         for epoch in range(start, self.config.epochs):
             record = {"epoch": epoch, **self._train_epoch(epoch)}
             self.dist.broadcast_buffers(self.model)  # BatchNorm statistics as rank 0 has them, in every process
             if self.ema is not None:
                 self.dist.broadcast_buffers(self.ema.module)
-            metrics = None
-            if self.val_data is not None:
-                metrics = self.evaluate(self.val_data, use_ema=self.ema is not None)
-                record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            metrics = {m: self.evaluate(data, use_ema=self.ema is not None, modality=m)
+                       for m, data in sorted(self.val_sets.items())}
+            record.update(_validation_record(metrics, self.joint))
             self.history.append(record)
+            self.model.mark_trained()
             score = self._score(record)
             improved = score is not None and (best is None or score < best)
             if improved:
@@ -369,38 +419,64 @@ class Trainer:
             return record["val_mae"]
         return record.get("val_loss")
 
+    def _batches(self, epoch: int):
+        """``(modality, (batch, dropped))`` for every step of the epoch, in the schedule's order."""
+        loaders = {m: self._loader(data, True, epoch, m) for m, data in self.train_sets.items()}
+        order = modality_schedule({m: len(l) for m, l in loaders.items()}, self.config.schedule, self.config.seed,
+                                  epoch)
+        iterators = {m: iter(loader) for m, loader in loaders.items()}
+        restarts = {m: 0 for m in loaders}
+
+        def steps():
+            for modality in order:
+                try:
+                    yield modality, next(iterators[modality])
+                except StopIteration:  # round-robin: a smaller set starts over, reshuffled
+                    restarts[modality] += 1
+                    loader = self._loader(self.train_sets[modality], True, epoch, modality, restarts[modality])
+                    iterators[modality] = iter(loader)
+                    yield modality, next(iterators[modality])
+
+        return order, steps()
+
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         self.model.train()
-        loader = self._loader(self.train_data, True, epoch)
+        order, steps = self._batches(epoch)
         accumulation = self.config.accumulation_steps
-        total_loss, seen, skipped = 0.0, 0, 0
+        losses = {m: 0.0 for m in self.modalities}
+        counts = {m: 0 for m in self.modalities}
+        skipped = 0
         self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch", leave=False,
-                   disable=True if not self.dist.is_main else
+        bar = tqdm(steps, total=len(order), desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
+                   leave=False, disable=True if not self.dist.is_main else
                    (not self.config.progress) if self.config.progress is not None else None)
-        for step, (batch, dropped) in enumerate(bar):
+        for step, (modality, (batch, dropped)) in enumerate(bar):
             skipped += dropped
             if dropped and self.config.strict_data:
                 raise TrainingError(f"{dropped} unreadable sample(s) in epoch {epoch + 1} (strict_data)")
             if not self.dist.all_true(batch is not None):
                 continue  # every process skips together: the others must not wait in a collective alone
             inputs, targets = self._on_device(batch)
-            if self.mixup is not None and inputs.shape[0] % 2 == 0:
-                inputs, targets = self.mixup(inputs, targets)
-            elif self.mixup is not None:  # timm's mixup needs an even batch: use hard labels for this one
-                targets = F.one_hot(targets, len(self.model.class_names[self.modality])).float()
-            update = (step + 1) % accumulation == 0 or step + 1 == len(loader)
+            mixup = self.mixups.get(modality)
+            if mixup is not None and inputs.shape[0] % 2 == 0:
+                inputs, targets = mixup(inputs, targets)
+            elif self.mixups and self.task == "classification":
+                # timm's mixup needs an even batch, and a modality may train without it: smoothed hard labels
+                targets = _smoothed_one_hot(targets, len(self.model.class_names[modality]),
+                                            self.config.label_smoothing)
+            update = (step + 1) % accumulation == 0 or step + 1 == len(order)
             # between updates, DDP need not all-reduce the gradients it only accumulates
             sync = contextlib.nullcontext() if update or not self.dist.enabled else self.net.no_sync()
             with sync:
                 with self._autocast():
-                    outputs = self.net(inputs)
+                    outputs = self.net(inputs, modality=modality)
                     loss = self.criterion(outputs.float(), targets.float() if self.task == "forecasting" or
                                           targets.is_floating_point() else targets)
                 if not self.dist.all_true(bool(torch.isfinite(loss))):
                     where = "" if not self.dist.enabled else f" (in at least one of {self.dist.world_size} processes)"
                     raise TrainingError(
-                        f"the loss became {loss.item()}{where} in epoch {epoch + 1}, step {step + 1}; training "
+                        f"the loss became {loss.item()}{where} in epoch {epoch + 1}, step {step + 1}"
+                        f"{f' ({modality})' if self.joint else ''}; training "
                         f"stopped with the last checkpoint ({self.output / 'last.pt'}) intact. Lower the learning "
                         "rate, enable gradient clipping or check the data for NaN/Inf"
                     )
@@ -411,16 +487,23 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.add_scalar("train/loss", loss.item(), self.num_updates)
                     self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.num_updates)
-            total_loss += loss.item() * inputs.shape[0]
-            seen += inputs.shape[0]
-            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        total_loss, seen, skipped = self.dist.all_sum([total_loss, seen, skipped])
-        skipped = int(skipped)
+            losses[modality] += loss.item() * inputs.shape[0]
+            counts[modality] += inputs.shape[0]
+            bar.set_postfix(loss=f"{sum(losses.values()) / max(sum(counts.values()), 1):.4f}",
+                            lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        sums = self.dist.all_sum([losses[m] for m in self.modalities] + [counts[m] for m in self.modalities]
+                                 + [skipped])
+        losses = dict(zip(self.modalities, sums[:len(self.modalities)], strict=True))
+        counts = dict(zip(self.modalities, sums[len(self.modalities):-1], strict=True))
+        skipped = int(sums[-1])
         if skipped and self.dist.is_main:
             warnings.warn(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s)", RuntimeWarning, stacklevel=2)
         self.skipped += skipped
-        return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
-                "skipped": skipped}
+        record = {"train_loss": sum(losses.values()) / max(sum(counts.values()), 1),
+                  "lr": self.optimizer.param_groups[0]["lr"], "skipped": skipped}
+        if self.joint:
+            record.update({f"train_loss_{m}": losses[m] / max(counts[m], 1) for m in self.modalities})
+        return record
 
     def _update(self) -> None:
         if self.config.clip_grad:
@@ -450,20 +533,24 @@ class Trainer:
         return inputs, targets
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset, use_ema: bool = False) -> Dict[str, Any]:
-        """Loss and metrics on ``data``: top-1, top-5, macro accuracy and the confusion matrix for classification;
-        MSE, MAE and MASE against a seasonal-naive forecast for forecasting."""
+    def evaluate(self, data: Dataset, use_ema: bool = False, modality: Optional[str] = None) -> Dict[str, Any]:
+        """Loss and metrics on ``data`` of ``modality`` (needed only with several): top-1, top-5, macro accuracy
+        and the confusion matrix for classification; MSE, MAE and MASE against a seasonal-naive forecast for
+        forecasting."""
         from .metrics import ClassificationMetrics, ForecastMetrics
 
+        if modality is None:
+            if len(self.model.modalities) > 1:
+                raise UniPerceptionError(f"evaluate needs modality= for a model of {self.model.modalities}")
+            modality = self.model.modalities[0]
         model = self.ema.module if use_ema and getattr(self, "ema", None) is not None else self.model
         was_training = model.training
         model.eval().to(self.device, memory_format=self._memory_format)
         if self.task == "classification":
-            metrics = ClassificationMetrics(len(self.model.class_names[self.modality]),
-                                            self.model.class_names[self.modality])
+            metrics = ClassificationMetrics(len(self.model.class_names[modality]), self.model.class_names[modality])
         else:
             metrics = ForecastMetrics(season=self.config.season)
-        loader = self._loader(data, False, 0)
+        loader = self._loader(data, False, 0, modality)
         bar = tqdm(loader, desc="evaluating", unit="batch", leave=False,
                    disable=True if not self.dist.is_main else
                    (not self.config.progress) if self.config.progress is not None else None)
@@ -473,7 +560,7 @@ class Trainer:
                     continue
                 inputs, targets = self._on_device(batch)
                 with self._autocast():
-                    outputs = model(inputs).float()
+                    outputs = model(inputs, modality=modality).float()
                 if self.task == "classification":
                     metrics.update(outputs.cpu(), targets.cpu(), loss=F.cross_entropy(outputs, targets).item())
                 else:
@@ -490,9 +577,10 @@ class Trainer:
             result["loss"] = result["mse"]
         return result
 
-    def _write_history(self, metrics: Optional[Dict[str, Any]]) -> None:
-        """metrics.csv and history.json (every epoch), the latest validation metrics as JSON, and PNG plots of the
-        training curves and (classification) the confusion matrix."""
+    def _write_history(self, metrics: Dict[str, Dict[str, Any]]) -> None:
+        """metrics.csv and history.json (every epoch), the latest validation metrics as JSON (keyed by modality
+        when there are several), and PNG plots of the training curves and (classification) the confusion matrix of
+        each modality (``confusion_matrix_<modality>.png`` when there are several)."""
         import pandas as pd
 
         from .metrics import plot_confusion_matrix, plot_training_curves, write_metrics_json
@@ -504,15 +592,58 @@ class Trainer:
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"epoch/{key}", value, record["epoch"] + 1)
             self.writer.flush()
-        if metrics is not None:
-            write_metrics_json(self.output / "val_metrics.json", dict(metrics, epoch=self.history[-1]["epoch"]))
-            if "confusion_matrix" in metrics:
-                plot_confusion_matrix(metrics["confusion_matrix"], self.model.class_names[self.modality],
-                                      self.output / "confusion_matrix.png")
+        if metrics:
+            epoch = self.history[-1]["epoch"]
+            write_metrics_json(self.output / "val_metrics.json",
+                               dict(metrics, epoch=epoch) if self.joint else dict(*metrics.values(), epoch=epoch))
+            for modality, values in metrics.items():
+                if "confusion_matrix" in values:
+                    name = f"confusion_matrix_{modality}.png" if self.joint else "confusion_matrix.png"
+                    plot_confusion_matrix(values["confusion_matrix"], self.model.class_names[modality],
+                                          self.output / name)
 
         for name, text in (("metrics.csv", pd.DataFrame(self.history).to_csv(index=False)),
                            ("history.json", json.dumps(self.history, indent=1, default=float))):
             atomic_write(self.output / name, lambda temporary, text=text: Path(temporary).write_text(text))
+
+
+def _for_modality(value: Union[float, Dict[str, float]], modality: str) -> float:
+    return float(value.get(modality, 0.0) if isinstance(value, dict) else value)
+
+
+def _smoothed_one_hot(labels: torch.Tensor, classes: int, smoothing: float) -> torch.Tensor:
+    """The targets timm's ``Mixup`` makes for an unmixed batch: one-hot with label smoothing."""
+    off = smoothing / classes
+    return torch.full((labels.shape[0], classes), off, device=labels.device).scatter_(1, labels[:, None],
+                                                                                         1.0 - smoothing + off)
+
+
+def _per_modality(model, data: Any, what: str) -> Dict[str, Dataset]:
+    """``data`` keyed by modality: a dict as given (modalities of the model only), or one dataset for a model of
+    one modality."""
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - set(model.modalities))
+        if unknown or not data:
+            raise UniPerceptionError(f"{what} must be keyed by the model's modalities {model.modalities}, got "
+                                     f"{sorted(data)}")
+        return dict(data)
+    if len(model.modalities) > 1:
+        raise UniPerceptionError(f"this model has several modalities {model.modalities}: give {what} as a dict "
+                                 "{modality: dataset}")
+    return {model.modalities[0]: data}
+
+
+def _validation_record(metrics: Dict[str, Dict[str, Any]], joint: bool) -> Dict[str, float]:
+    """The numbers of each modality's validation metrics as ``val_<name>`` (one modality) or
+    ``val_<modality>_<name>`` plus their mean over modalities as ``val_<name>`` (several)."""
+    numbers = {m: {k: v for k, v in values.items() if isinstance(v, (int, float))} for m, values in metrics.items()}
+    if not joint:
+        return {f"val_{k}": v for values in numbers.values() for k, v in values.items()}
+    record = {f"val_{m}_{k}": v for m, values in numbers.items() for k, v in values.items()}
+    shared = set.intersection(*(set(values) for values in numbers.values())) if numbers else set()
+    for key in sorted(shared - {"count"}):
+        record[f"val_{key}"] = sum(values[key] for values in numbers.values()) / len(numbers)
+    return record
 
 
 def _device(request: str) -> torch.device:

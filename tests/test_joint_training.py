@@ -1,0 +1,174 @@
+"""One model, several modalities: joint training with one shared backbone (both schedules, per-modality metrics,
+exact resume), and predict/embed on a mix of modalities. Data: PNG images written with Pillow and WAV clips written
+with soundfile, two classes each."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from uniperception import UniPerceiver
+from uniperception.data import FolderDataset
+from uniperception.engine import TrainConfig, Trainer, TrainingError, modality_schedule
+from uniperception.errors import UniPerceptionError
+
+RATE = 16000
+
+
+def write_images(root, per_class=6, size=32):
+    """Dark images with a bright square top-left (class low) or bottom-right (class high)."""
+    rng = np.random.default_rng(0)
+    for name, corner in (("low", (slice(0, 12), slice(0, 12))), ("high", (slice(-12, None), slice(-12, None)))):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+            image[corner] = 220
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+def write_tones(root, per_class=4):
+    """Short noisy tones: 300 Hz (class low) or 3000 Hz (class high)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(int(0.4 * RATE)) / RATE
+    for name, frequency in (("low", 300.0), ("high", 3000.0)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            wave = 0.5 * np.sin(2 * np.pi * frequency * (1 + 0.02 * i) * t) + 0.05 * rng.standard_normal(t.size)
+            soundfile.write(root / name / f"{i}.wav", wave.astype(np.float32), RATE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint")
+    return {"image": write_images(root / "image"), "audio": write_tones(root / "audio")}
+
+
+@pytest.fixture
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def joint_setup(data, output, **config):
+    torch.manual_seed(0)
+    names = ["high", "low"]
+    model = UniPerceiver(["image", "audio"], class_names={"image": names, "audio": names},
+                         adapters={"image": dict(image_size=32, crop_pct=1.0, auto_augment=None, re_prob=0.0),
+                                   "audio": dict(target_frames=32)})
+    train = {m: FolderDataset(data[m], model.adapters[m], train=True) for m in data}
+    val = {m: FolderDataset(data[m], model.adapters[m]) for m in data}
+    settings = dict(epochs=2, batch_size=4, lr=2e-3, warmup_epochs=0.5, progress=False, output=str(output))
+    settings.update(config)
+    return model, train, val, TrainConfig(**settings)
+
+
+def test_schedules_cover_every_batch_and_depend_only_on_seed_and_epoch():
+    batches = {"image": 5, "audio": 2, "video": 3}
+    order = modality_schedule(batches, "proportional", seed=0, epoch=0)
+    assert {m: order.count(m) for m in batches} == batches
+    assert order == modality_schedule(batches, "proportional", seed=0, epoch=0)
+    assert order != modality_schedule(batches, "proportional", seed=0, epoch=1)
+    assert order != sorted(order)  # interleaved, not one modality after another
+    robin = modality_schedule(batches, "round_robin", seed=0, epoch=0)
+    assert robin == ["audio", "image", "video"] * 5
+    with pytest.raises(UniPerceptionError, match="schedule must be one of"):
+        modality_schedule(batches, "random", seed=0, epoch=0)
+    with pytest.raises(UniPerceptionError, match="schedule must be one of"):
+        TrainConfig(schedule="alternate")
+
+
+@pytest.mark.parametrize("schedule", ["proportional", "round_robin"])
+def test_joint_training_learns_both_modalities_with_per_modality_metrics(data, tmp_path, single_thread, schedule):
+    model, train, val, config = joint_setup(data, tmp_path / "run", schedule=schedule, epochs=3)
+    assert model.untrained is not None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = Trainer(model, train, val, config).fit()
+    last = history[-1]
+    for modality in ("image", "audio"):
+        assert 0.0 <= last[f"val_{modality}_top1"] <= 1.0 and np.isfinite(last[f"train_loss_{modality}"])
+        # each modality trained its own stem and head, and the shared backbone moved
+        stem = f"backbone.downsample_layers.0.0.convs.{modality}.weight"
+        assert not torch.equal(before[stem], model.state_dict()[stem])
+        assert not torch.equal(before[f"heads.{modality}.fc.weight"], model.state_dict()[f"heads.{modality}.fc.weight"])
+    assert last["val_top1"] == pytest.approx((last["val_image_top1"] + last["val_audio_top1"]) / 2)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert model.untrained is None
+    run = tmp_path / "run"
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    assert set(metrics) >= {"image", "audio", "epoch"} and "top1" in metrics["audio"]
+    assert (run / "confusion_matrix_image.png").is_file() and (run / "confusion_matrix_audio.png").is_file()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val_image_top1", "val_audio_top1", "train_loss_image", "train_loss_audio"} <= set(header)
+
+
+class CopyAfterFirstEpoch(Trainer):
+    """Keeps a copy of the run folder as it stood after the first epoch: the state a run killed then leaves."""
+
+    def _write_history(self, metrics):
+        super()._write_history(metrics)
+        if len(self.history) == 1:
+            shutil.copytree(self.output, self.output.with_name("killed"))
+
+
+def test_a_joint_run_resumes_exactly(data, tmp_path, single_thread):
+    model, train, val, config = joint_setup(data, tmp_path / "whole", epochs=2)
+    whole = CopyAfterFirstEpoch(model, train, val, config).fit()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, train, val, config = joint_setup(data, tmp_path / "killed", epochs=2, resume=True)
+    resumed = Trainer(model, train, val, config).fit()
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=0)
+    model, train, val, config = joint_setup(data, tmp_path / "killed", epochs=3, resume=True, schedule="round_robin")
+    with pytest.raises(TrainingError, match="schedule='proportional'"):
+        Trainer(model, train, val, config).fit()
+
+
+def test_joint_data_must_be_keyed_by_the_models_modalities(data, tmp_path):
+    model, train, val, config = joint_setup(data, tmp_path / "run")
+    with pytest.raises(UniPerceptionError, match="give train_data as a dict"):
+        Trainer(model, train["image"], None, config)
+    with pytest.raises(UniPerceptionError, match="keyed by the model's modalities"):
+        Trainer(model, {"video": train["image"]}, None, config)
+    with pytest.raises(UniPerceptionError, match="without training data"):
+        Trainer(model, {"image": train["image"]}, val, config)
+    trainer = Trainer(model, {"image": train["image"]}, {"image": val["image"]}, config.__class__(
+        **{**config.__dict__, "epochs": 1}))  # one of the model's modalities alone is fine
+    assert "val_image_top1" in trainer.fit()[-1]
+
+
+def test_predict_and_embed_take_a_mix_of_modalities(data):
+    model, *_ = joint_setup(data, "unused")
+    model.mark_trained()
+    image, sound = sorted((data["image"] / "low").iterdir())[0], sorted((data["audio"] / "high").iterdir())[0]
+    mixed = [sound, image, sound]
+    vectors = model.embed(mixed)
+    assert vectors.shape == (3, model.backbone.num_features)
+    torch.testing.assert_close(vectors[1], model.embed(image, modality="image"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vectors[0], vectors[2], rtol=1e-5, atol=1e-6)
+    answers = model.predict(mixed)
+    assert [a["modality"] for a in answers] == ["audio", "image", "audio"]
+    assert [a["source"] for a in answers] == [str(p) for p in mixed]
+    by_modality = model.embed({"image": [image], "audio": [sound, sound]})
+    assert by_modality["image"].shape == (1, model.backbone.num_features) and by_modality["audio"].shape[0] == 2
+    assert model.predict({"audio": [sound]})["audio"][0]["class_name"] in ("low", "high")
+    with pytest.raises(UniPerceptionError, match="no modality of this model reads .ply"):
+        model.embed([image, image.with_suffix(".ply")])
+
+
+def test_mixing_can_differ_per_modality(data, tmp_path, single_thread):
+    model, train, val, config = joint_setup(data, tmp_path / "run", epochs=1, mixup={"image": 0.8}, cutmix=0.0)
+    trainer = Trainer(model, train, val, config)
+    history = trainer.fit()
+    assert set(trainer.mixups) == {"image"} and np.isfinite(history[-1]["train_loss_audio"])
+    with pytest.raises(UniPerceptionError, match="non-negative numbers"):
+        TrainConfig(mixup={"image": -1.0})
