@@ -172,3 +172,37 @@ def test_mixing_can_differ_per_modality(data, tmp_path, single_thread):
     assert set(trainer.mixups) == {"image"} and np.isfinite(history[-1]["train_loss_audio"])
     with pytest.raises(UniPerceptionError, match="non-negative numbers"):
         TrainConfig(mixup={"image": -1.0})
+
+
+def test_the_command_line_trains_jointly_from_a_config_file(data, tmp_path, capsys, single_thread):
+    import yaml
+
+    from uniperception.cli import main
+
+    config = tmp_path / "joint.yaml"
+    config.write_text(yaml.safe_dump({
+        "datasets": {
+            "image": {"builtin": "digits", "adapter": {"image_size": 32, "auto_augment": None, "re_prob": 0.0}},
+            "audio": {"data": str(data["audio"]), "val_data": str(data["audio"]), "adapter": {"target_frames": 32}},
+        },
+        "epochs": 1, "batch_size": 64, "schedule": "round_robin", "output": str(tmp_path / "run"),
+    }))
+    assert main(["train", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "joint training on audio, image (round_robin schedule); mixup {'audio': 0.6, 'image': 0.8}" in out
+    saved = tmp_path / "run" / "model"
+    model = UniPerceiver.from_pretrained(saved)
+    assert model.modalities == ["audio", "image"] and model.class_names["image"] == [str(d) for d in range(10)]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val_image_top1", "val_audio_top1", "val_top1"} <= set(header)
+
+    sound = sorted((data["audio"] / "low").iterdir())[0]
+    assert main(["predict", "--model", str(saved), "--json", str(sound)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["label"] in ("low", "high") and {name for name, _ in rows[0]["top"]} <= {"low", "high"}
+
+    assert main(["train", "--dataset", "image=digits", "--output", str(tmp_path / "one")]) == 2
+    assert "at least two modalities" in capsys.readouterr().err
+    assert main(["train", "--dataset", "audio=digits", "--dataset", f"image={data['image']}",
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert "not a built-in audio classification set" in capsys.readouterr().err

@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -434,6 +434,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.rank() != 0:
         warnings.simplefilter("ignore")  # under torchrun, rank 0 alone reports
     torch.manual_seed(args.seed)
+    if args.datasets:
+        return _train_jointly(args)
     task = "forecasting" if args.series else "classification"
     recipe = RECIPE_MIXING.get(args.modality, (0.0, 0.0)) if task == "classification" else (0.0, 0.0)
     if args.mixup is None or args.cutmix is None:
@@ -463,6 +465,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = None
     if args.series or (splits and "val" in _manifest_splits(args.manifest)) or args.val_data:
         val = _dataset(args, adapter, "val", False)
+    return _fit_and_save(model, train, val, args)
+
+
+def _fit_and_save(model, train, val, args: argparse.Namespace) -> int:
+    """Train, then save the best weights (rank 0) to OUTPUT/model and print a one-line summary."""
+    from . import distributed
+    from .engine import TrainConfig, Trainer
+
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     history = Trainer(model, train, val, config).fit()
@@ -475,6 +485,101 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"trained {len(history)} epoch(s): {summary}; model saved to {saved} (weights of {best.name})")
     return 0
+
+
+def _dataset_specs(given: Any) -> Dict[str, Dict[str, Any]]:
+    """``--dataset MODALITY=SOURCE`` pairs or a config file's ``datasets:`` mapping as ``{modality: spec}``, where a
+    spec holds one of ``builtin`` (a built-in set's name), ``data`` (class folders, with an optional ``val_data``)
+    or ``manifest`` (a CSV with a split column), and optionally ``adapter`` (that modality's adapter settings)."""
+    from . import datasets
+    from .errors import UniPerceptionError
+
+    if isinstance(given, dict):
+        pairs = list(given.items())
+    else:
+        pairs = []
+        for pair in given:
+            modality, sep, source = str(pair).partition("=")
+            if not sep or not modality or not source:
+                raise UniPerceptionError(f"--dataset takes MODALITY=SOURCE, got {pair!r}")
+            pairs.append((modality.strip(), source.strip()))
+    specs: Dict[str, Dict[str, Any]] = {}
+    for modality, spec in pairs:
+        if modality in specs:
+            raise UniPerceptionError(f"two datasets for {modality}: give one per modality")
+        if isinstance(spec, str):
+            spec = {"builtin": spec} if spec in datasets.available() else {"data": spec}
+        if not isinstance(spec, dict) or sum(k in spec for k in ("builtin", "data", "manifest")) != 1:
+            raise UniPerceptionError(f"the {modality} dataset needs exactly one of builtin, data or manifest, got "
+                                     f"{spec!r}")
+        unknown = sorted(set(spec) - {"builtin", "data", "val_data", "manifest", "adapter"})
+        if unknown:
+            raise UniPerceptionError(f"the {modality} dataset has unknown keys {unknown}; known: builtin, data, "
+                                     "val_data, manifest, adapter")
+        if "builtin" in spec:
+            found = datasets.available().get(spec["builtin"])
+            if found is None or found["modality"] != modality or found["task"] != "classification":
+                raise UniPerceptionError(f"{spec['builtin']!r} is not a built-in {modality} classification set; "
+                                         f"those are: {', '.join(n for n, d in datasets.available().items() if d['modality'] == modality and d['task'] == 'classification') or 'none'}")
+        specs[modality] = spec
+    if len(specs) < 2:
+        raise UniPerceptionError("joint training needs datasets of at least two modalities "
+                                 "(--dataset image=digits --dataset audio=speech/train ...)")
+    return specs
+
+
+def _joint_data(modality: str, spec: Dict[str, Any], adapter, args: argparse.Namespace):
+    """``(train, val or None)`` of one modality's dataset spec, read through ``adapter``."""
+    from . import datasets
+    from .data import FolderDataset, ManifestDataset
+
+    if "builtin" in spec:
+        built = datasets.load(spec["builtin"])
+        return built.dataset("train", adapter, train=True), built.dataset("val", adapter)
+    if "manifest" in spec:
+        val = None
+        if "split" in _manifest_columns(spec["manifest"]) and "val" in _manifest_splits(spec["manifest"]):
+            val = ManifestDataset(spec["manifest"], adapter, split="val", strict=args.strict_data)
+        split = "train" if "split" in _manifest_columns(spec["manifest"]) else None
+        return ManifestDataset(spec["manifest"], adapter, split=split, train=True, strict=args.strict_data), val
+    train = FolderDataset(spec["data"], adapter, train=True, strict=args.strict_data)
+    val = FolderDataset(spec["val_data"], adapter, strict=args.strict_data) if spec.get("val_data") else None
+    return train, val
+
+
+def _train_jointly(args: argparse.Namespace) -> int:
+    """One model, one shared backbone, several modalities: a dataset per modality (``--dataset`` or the config
+    file's ``datasets:``), each modality's mixup/cutmix recipe unless given."""
+    from . import distributed
+    from .model import UniPerceiver
+
+    specs = _dataset_specs(args.datasets)
+    if args.series or args.manifest or args.data or args.adapter:
+        from .errors import UniPerceptionError
+
+        raise UniPerceptionError("with --dataset (or datasets: in the config) give each modality's data and adapter "
+                                 "settings there, not --data/--manifest/--series/--adapter")
+    modalities = sorted(specs)
+    if args.mixup is None:
+        args.mixup = {m: RECIPE_MIXING.get(m, (0.0, 0.0))[0] for m in modalities}
+    if args.cutmix is None:
+        args.cutmix = {m: RECIPE_MIXING.get(m, (0.0, 0.0))[1] for m in modalities}
+    if distributed.rank() == 0:
+        print(f"joint training on {', '.join(modalities)} ({args.schedule} schedule); mixup {args.mixup}, cutmix "
+              f"{args.cutmix}")
+    adapters = {m: _adapter_settings(specs[m].get("adapter")) for m in modalities}
+    # class names come from the training data: a first pass with throw-away adapters
+    from modalities import create_adapter
+
+    names = {m: _joint_data(m, specs[m], create_adapter(m, **adapters[m]), args)[0].class_names for m in modalities}
+    model = UniPerceiver(modalities, backbone=args.backbone, class_names=names, kernel_sizes=args.kernel_sizes,
+                         drop_path_rate=args.drop_path, adapters=adapters)
+    if args.weights:
+        model.load_backbone_weights(args.weights)
+    pairs = {m: _joint_data(m, specs[m], model.adapters[m], args) for m in modalities}
+    train = {m: pair[0] for m, pair in pairs.items()}
+    val = {m: pair[1] for m, pair in pairs.items() if pair[1] is not None}
+    return _fit_and_save(model, train, val or None, args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -515,8 +620,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         row = {"source": result["source"]}
         if "class_name" in result:
             top = result["probabilities"].topk(min(args.top, result["probabilities"].numel()))
+            names = model.class_names[result.get("modality", model.modalities[0])]
             row.update(label=result["class_name"], probability=round(float(top.values[0]), 4),
-                       top=[(model.class_names[model.modalities[0]][i], round(float(p), 4))
+                       top=[(names[i], round(float(p), 4))
                             for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
         elif "forecast" in result:
             stamps = result["timestamps"]
@@ -571,7 +677,7 @@ def _data_options(parser: argparse.ArgumentParser, split_default: Optional[str])
 
 
 def _add_run_commands(sub) -> None:
-    from .engine import TrainConfig
+    from .engine import SCHEDULES, TrainConfig
 
     defaults = TrainConfig()
     train = sub.add_parser(
@@ -593,6 +699,10 @@ def _add_run_commands(sub) -> None:
                        help="adapter setting, repeatable, e.g. --adapter image_size=64")
     _data_options(train, None)
     train.add_argument("--val-data", help="validation folder (with --data)")
+    train.add_argument("--dataset", dest="datasets", action="append", metavar="MODALITY=SOURCE",
+                       help="joint training: one dataset per modality, repeatable (a built-in set's name or a folder "
+                       "of class folders), e.g. --dataset image=digits --dataset audio=spoken_digits; a config file "
+                       "may give datasets: {audio: {data: DIR, val_data: DIR, adapter: {target_frames: 64}}}")
     run = train.add_argument_group("training")
     run.add_argument("--output", default=defaults.output, help="folder for checkpoints, metrics and the model")
     run.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -616,6 +726,10 @@ def _add_run_commands(sub) -> None:
                      help="weights and 4-D inputs channels-last (UniRepLKNet-A/T training steps at 224 px on "
                           "2 CPU cores: 1.12x/1.25x, BENCHMARKS.md)")
     run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule,
+                     help="joint training: the order of the modalities' batches in an epoch (proportional: all "
+                     "batches once, interleaved in proportion to the data; round_robin: in turn, smaller sets "
+                     "repeated)")
     run.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     run.add_argument("--sync-bn", action="store_true",
