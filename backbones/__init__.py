@@ -7,7 +7,7 @@ them::
     model = timm.create_model("unireplknet_t", in_chans=1, num_classes=0)
 """
 
-from .checkpoint import LoadReport, load_checkpoint, read_state_dict
+from .checkpoint import LoadReport, download_from_hub, load_checkpoint, read_state_dict
 from .errors import BackboneError, CheckpointError, ConfigurationError, InputShapeError
 from .ops import DepthwiseConv2d, depthwise_conv2d
 from .runtime import keep_freed_memory, native_bfloat16, optimize_for_inference
@@ -33,6 +33,7 @@ __all__ = [
     "UniRepLKNetBlock",
     "default_kernel_sizes",
     "depthwise_conv2d",
+    "download_from_hub",
     "keep_freed_memory",
     "load_checkpoint",
     "native_bfloat16",

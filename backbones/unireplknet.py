@@ -1185,7 +1185,22 @@ class UniRepLKNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pretrained configurations (local files only; nothing is downloaded)
+# Pretrained configurations
+#
+# Each pretrained tag names its official file on the Hugging Face Hub (``hf_hub_id``, ``hf_hub_filename``).
+# ``timm.create_model(name, pretrained=True)`` builds the model without weights (timm sets ``pretrained_cfg`` as for
+# any model), then takes the first of these sources and loads it with ``backbones.checkpoint.load_checkpoint``, so
+# every rule of that function applies (strict; stem adapted to ``in_chans``; a different class count keeps the
+# model's own head; a train-form file into a deploy-form model):
+#   1. ``pretrained_cfg_overlay=dict(state_dict=...)``: an in-memory state dict;
+#   2. ``pretrained_cfg_overlay=dict(file=...)``: a file path (a bare name that does not exist is looked up in
+#      ``weights_dir()``);
+#   3. for the official repository, a file of the official name in ``weights_dir()`` (``$UNIPERCEPTION_WEIGHTS``);
+#   4. ``hf_hub_download`` through the Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``, ``cache_dir=`` of
+#      ``timm.create_model``), with the network rules and time limits of ``backbones.checkpoint.download_from_hub``:
+#      offline (``HF_HUB_OFFLINE=1``) the cache alone, online one metadata request limited to ``HF_HUB_ETAG_TIMEOUT``
+#      seconds before any download.
+# No source, or one that fails, raises CheckpointError naming the file and where it was looked for.
 
 _OFFICIAL_REPO = "DingXiaoH/UniRepLKNet"
 
@@ -1214,8 +1229,8 @@ def resolve_weights_path(path: Union[str, os.PathLike]) -> Path:
 
 def _cfg(file: str, input_size: int = 224, num_classes: int = 1000, **kwargs) -> Dict[str, Any]:
     return {
-        "file": file,
-        "custom_load": True,
+        "hf_hub_id": _OFFICIAL_REPO,
+        "hf_hub_filename": file,
         "num_classes": num_classes,
         "input_size": (3, input_size, input_size),
         "pool_size": (math.ceil(input_size / 32),) * 2,
@@ -1256,7 +1271,48 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+def _pretrained_source(
+    cfg: Dict[str, Any], cache_dir: Union[str, os.PathLike, None] = None
+) -> Union[Path, Dict[str, torch.Tensor]]:
+    """The weights a resolved ``pretrained_cfg`` points to (the order is listed at the top of this section)."""
+    from .checkpoint import download_from_hub
+
+    name = ".".join(part for part in (cfg.get("architecture"), cfg.get("tag")) if part) or "model"
+    if cfg.get("state_dict") is not None:
+        return cfg["state_dict"]
+    if cfg.get("file"):
+        return resolve_weights_path(cfg["file"])
+    if cfg.get("hf_hub_id"):
+        repo_id, _, revision = str(cfg["hf_hub_id"]).partition("@")
+        filename = cfg.get("hf_hub_filename") or "model.safetensors"
+        official = repo_id == _OFFICIAL_REPO
+        if official and (weights_dir() / filename).is_file():
+            return weights_dir() / filename
+        try:
+            return download_from_hub(
+                repo_id, filename, revision=revision or None, cache_dir=cache_dir,
+                fallback_dir=weights_dir() if official else None,
+            )
+        except CheckpointError as exc:
+            raise CheckpointError(f"{name}: pretrained weights: {exc}") from None
+    if cfg.get("url"):
+        raise CheckpointError(
+            f"{name}: weights from a URL ({cfg['url']}) are not supported; download the file and pass "
+            f"pretrained_cfg_overlay=dict(file='/path/to/file')"
+        )
+    raise CheckpointError(
+        f"{name}: no pretrained weights are configured; use a tag that has them "
+        f"(unireplknet_{{a,f,p,n,t,s}}.in1k, unireplknet_{{s,b,l,xl}}.in22k_ft_in1k_384, "
+        f"unireplknet_{{s,b,l,xl}}.in22k) or pass pretrained_cfg_overlay=dict(file='/path/to/file')"
+    )
+
+
 def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniRepLKNet:
+    """Build ``variant`` through timm's builder; with ``pretrained=True`` load the weights of its resolved
+    ``pretrained_cfg`` with :func:`backbones.checkpoint.load_checkpoint` (``pretrained_strict=False`` loads what
+    fits and reports the rest)."""
+    from .checkpoint import load_checkpoint
+
     size = variant.split("_", 1)[1]
     depths, dims = VARIANTS[size]
     kwargs.setdefault("depths", depths)
@@ -1264,8 +1320,14 @@ def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> Uni
     if kwargs.get("features_only"):
         # the official features mode normalises every stage output (norm0..norm3)
         kwargs.setdefault("output_norms", True)
+    strict = kwargs.pop("pretrained_strict", True)
     feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
-    return build_model_with_cfg(UniRepLKNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    model = build_model_with_cfg(UniRepLKNet, variant, False, feature_cfg=feature_cfg, **kwargs)
+    if pretrained:
+        source = _pretrained_source(model.pretrained_cfg, cache_dir=kwargs.get("cache_dir"))
+        report = load_checkpoint(model, source, strict=strict)
+        _logger.info("%s", report)
+    return model
 
 
 @register_model

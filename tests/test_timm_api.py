@@ -127,9 +127,11 @@ def test_no_weight_decay_names_layer_scale_and_grn():
 
 def test_pretrained_configs_name_the_official_files():
     cfg = timm.get_pretrained_cfg("unireplknet_a.in1k").to_dict()
-    assert cfg["file"] == "unireplknet_a_in1k_224_acc77.03.pth"
+    assert cfg["hf_hub_id"] == "DingXiaoH/UniRepLKNet"
+    assert cfg["hf_hub_filename"] == "unireplknet_a_in1k_224_acc77.03.pth"
     cfg = timm.get_pretrained_cfg("unireplknet_xl.in22k_ft_in1k_384").to_dict()
-    assert cfg["file"] == "unireplknet_xl_in22k_to_in1k_384_acc87.96.pth" and cfg["input_size"] == (3, 384, 384)
+    assert cfg["hf_hub_filename"] == "unireplknet_xl_in22k_to_in1k_384_acc87.96.pth"
+    assert cfg["input_size"] == (3, 384, 384)
     cfg = timm.get_pretrained_cfg("unireplknet_l.in22k").to_dict()
     assert cfg["num_classes"] == 21841 and cfg["input_size"] == (3, 192, 192)
 
@@ -163,7 +165,11 @@ def test_pretrained_loads_from_a_local_file_only(tmp_path, monkeypatch):
 
 
 def test_pretrained_without_the_file_explains_where_to_put_it(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("UNIPERCEPTION_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, and no network
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError) as info:
         timm.create_model("unireplknet_t.in1k", pretrained=True)
     message = str(info.value)
