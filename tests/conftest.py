@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -82,3 +83,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, filename: str, data: bytes, commit: str = HUB_COMMIT) -> Path:
+    """Store ``data`` as ``filename`` of ``repo_id`` at ``commit`` (the ``main`` branch) the way huggingface_hub
+    does: content-addressed blob, snapshot symlink, ref file. Returns the snapshot path."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    snapshot = repo / "snapshots" / commit / filename
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -4,7 +4,6 @@ Every test builds its own Hugging Face cache (the real layout: ``models--org--na
 runs offline, except one that points the Hub endpoint at a local socket that never answers.
 """
 
-import hashlib
 import io
 import os
 import socket
@@ -22,28 +21,12 @@ from timm.models import adapt_input_conv
 
 import backbones
 from backbones import CheckpointError, load_checkpoint
-from conftest import relative_error, state_dict_from_reference
+from conftest import add_to_hub_cache, relative_error, state_dict_from_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_REPO = "DingXiaoH/UniRepLKNet"
 OFFICIAL_A = "unireplknet_a_in1k_224_acc77.03.pth"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 STEM = "downsample_layers.0.0.weight"
-
-
-def add_to_hub_cache(cache: Path, repo_id: str, filename: str, data: bytes, commit: str = COMMIT) -> Path:
-    """Store ``data`` as ``filename`` of ``repo_id`` at ``commit`` (the ``main`` branch) the way huggingface_hub
-    does: content-addressed blob, snapshot symlink, ref file. Returns the snapshot path."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(data)
-    snapshot = repo / "snapshots" / commit / filename
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def torch_bytes(state_dict) -> bytes:
@@ -323,3 +306,42 @@ def test_foreign_files_fail_loudly_through_every_path(hub, tmp_path):
 
 def test_download_from_hub_is_exported():
     assert backbones.download_from_hub is backbones.checkpoint.download_from_hub
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniPerceiver(pretrained=...): the same files, each modality's stem adapted from the RGB one
+
+
+def test_uniperceiver_starts_from_published_weights(hub, official_a):
+    from uniperception import UniPerceiver
+    from uniperception.errors import UniPerceptionError
+
+    add_to_hub_cache(hub.cache, OFFICIAL_REPO, OFFICIAL_A, torch_bytes(official_a))
+    audio = UniPerceiver("audio", pretrained="in1k", target_frames=32)
+    assert_loaded(audio.backbone, official_a, skip={STEM, "head.weight", "head.bias"})
+    torch.testing.assert_close(audio.backbone.state_dict()[STEM], adapt_input_conv(1, official_a[STEM]))
+    assert audio.untrained is None and "published weights (in1k)" in repr(audio)
+    labelled = UniPerceiver("audio", num_classes=3, pretrained=True, target_frames=32)
+    assert "head was never trained" in labelled.untrained and "published weights" in labelled.untrained
+
+    both = UniPerceiver(["image", "audio"], num_classes={"image": 2, "audio": 3}, pretrained="in1k",
+                        adapters={"image": dict(image_size=32), "audio": dict(target_frames=32)})
+    stems = both.stems.convs
+    torch.testing.assert_close(stems["image"].weight, official_a[STEM])
+    torch.testing.assert_close(stems["audio"].weight, adapt_input_conv(1, official_a[STEM]))
+    assert_loaded(both.backbone, official_a, skip={STEM, "downsample_layers.0.0.bias", "head.weight", "head.bias"})
+    with pytest.raises(UniPerceptionError, match="no published weights 'unireplknet_a.in22k'.*in1k"):
+        UniPerceiver("image", pretrained="in22k")
+
+
+def test_a_saved_model_of_several_modalities_gives_each_its_own_stem(tmp_path):
+    from uniperception import UniPerceiver
+
+    torch.manual_seed(0)
+    settings = dict(adapters={"image": dict(image_size=32), "audio": dict(target_frames=32)})
+    source = UniPerceiver(["image", "audio"], **settings)
+    source.save_pretrained(tmp_path / "saved")
+    target = UniPerceiver(["audio", "image"], **settings)
+    target.load_backbone_weights(tmp_path / "saved" / "model.safetensors")
+    for key, tensor in source.backbone.state_dict().items():
+        torch.testing.assert_close(target.backbone.state_dict()[key], tensor, rtol=0, atol=0)

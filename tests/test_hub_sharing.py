@@ -6,7 +6,6 @@ No Hub is reachable here, so the repository is put into a local Hugging Face cac
 (``models--org--name/{blobs,refs,snapshots}``) and huggingface_hub runs offline against it.
 """
 
-import hashlib
 import shutil
 
 import huggingface_hub
@@ -15,26 +14,17 @@ import pytest
 import torch
 from huggingface_hub import constants
 
+from conftest import add_to_hub_cache
 from uniperception import UniPerceiver
 from uniperception.errors import CheckpointError
 
 IMAGE = dict(image_size=32)
 
 
-def put_into_hub_cache(cache, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Files of ``folder`` as huggingface_hub caches a model repository: content-addressed blobs, a ref to the
-    commit, and a snapshot of symbolic links to the blobs."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
+def put_into_hub_cache(cache, repo_id, folder):
+    """Every file of ``folder`` into the cached repository ``repo_id``."""
     for path in sorted(folder.iterdir()):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        shutil.copyfile(path, repo / "blobs" / digest)
-        (snapshot / path.name).symlink_to(f"../../blobs/{digest}")
-    return snapshot
+        add_to_hub_cache(cache, repo_id, path.name, path.read_bytes())
 
 
 @pytest.fixture

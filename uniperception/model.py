@@ -375,14 +375,23 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
         finally:
             _ACTIVE_STEM.reset(token)
 
-    def forward(self, batch: Union[torch.Tensor, Dict[str, torch.Tensor]], modality: Optional[str] = None):
+    def forward(self, batch: Union[torch.Tensor, Dict[str, torch.Tensor]], modality: Optional[str] = None,
+                with_embedding: bool = False):
         """A preprocessed batch (``adapter.collate`` of ``adapter.prepare`` outputs) to logits ``(B, classes)``,
-        forecasts ``(B, T, D)`` or embeddings ``(B, C)``; a dict of batches keyed by modality gives a dict."""
+        forecasts ``(B, T, D)`` or embeddings ``(B, C)``; a dict of batches keyed by modality gives a dict.
+        ``with_embedding``: ``(output, embedding)`` instead, the embedding being what :meth:`embed` returns for
+        the batch (the pooled features averaged over a sample's maps), so training can align modalities in the
+        same forward pass."""
         if isinstance(batch, dict):
-            return {name: self.forward(value, modality=name) for name, value in batch.items()}
+            return {name: self.forward(value, modality=name, with_embedding=with_embedding)
+                    for name, value in batch.items()}
         modality = self._modality(modality)
         features, context = self.features(batch, modality)
-        return self.heads[modality](features, context)
+        output = self.heads[modality](features, context)
+        if not with_embedding:
+            return output
+        maps = context.get("maps_per_sample", 1)
+        return output, features.view(-1, maps, features.shape[-1]).mean(1)
 
     # ---------------------------------------------------------------------------------------------------------------
     # raw sources in, answers out
@@ -775,7 +784,8 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
     def _load_through_plain_stem(self, state_dict: Dict[str, torch.Tensor], path: Path, trusted: bool) -> None:
         """UniRepLKNet with per-modality stems: load the file through an ordinary 3-channel first convolution (so
         every rule of ``load_checkpoint`` applies, train file into a deploy model included), then give each modality
-        that convolution adapted to its channel count."""
+        that convolution adapted to its channel count, or its own stem where the file has one per modality (a
+        model of several modalities saved by :meth:`save_pretrained`) of the same shape."""
         from timm.models import adapt_input_conv
 
         from backbones.checkpoint import load_checkpoint
@@ -787,16 +797,30 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
         plain = copy.deepcopy(template)
         plain.in_channels = 3
         plain.weight = nn.Parameter(template.weight.new_zeros(template.out_channels, 3, *template.kernel_size))
+        prefix = "downsample_layers.0.0.convs."
+        own_stems = {key[len(prefix):].rpartition(".")[0]: key for key in state_dict
+                     if key.startswith(prefix) and key.endswith(".weight")}
+        # the plain convolution takes a 3-channel stem of the file where it has one, else any (adapted to 3)
+        three = [m for m, key in sorted(own_stems.items()) if state_dict[key].shape[1] == 3]
+        chosen = (three or sorted(own_stems) or [None])[0]
         saved = (self.backbone.in_chans, self.backbone._arguments["in_chans"])
         setattr(parent, leaf, plain)
         self.backbone.in_chans = self.backbone._arguments["in_chans"] = 3
         try:
-            load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
+            load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path),
+                            stem=chosen)
         finally:
             setattr(parent, leaf, stems)
             self.backbone.in_chans, self.backbone._arguments["in_chans"] = saved
         with torch.no_grad():
-            for conv in stems.convs.values():
+            for modality, conv in stems.convs.items():
+                key = own_stems.get(modality)
+                if key is not None and state_dict[key].shape == conv.weight.shape:
+                    conv.weight.copy_(state_dict[key])
+                    bias = state_dict.get(key[:-len("weight")] + "bias")
+                    if conv.bias is not None and bias is not None:
+                        conv.bias.copy_(bias)
+                    continue
                 conv.weight.copy_(adapt_input_conv(conv.in_channels, plain.weight.detach().float(), base_chans=3))
                 if conv.bias is not None and plain.bias is not None:
                     conv.bias.copy_(plain.bias.detach())
@@ -821,7 +845,7 @@ def _model_folder(name: Union[str, os.PathLike], **download: Any) -> Path:
         raise CheckpointError(
             f"{text}: not a local folder, and the Hugging Face Hub repository of that name is not in the local cache "
             f"({_hub_cache()}) while downloads are off or the Hub cannot be reached; download it where the network "
-            f"reaches the Hub (huggingface-cli download {text}) or pass a local folder written by save_pretrained"
+            f"reaches the Hub (hf download {text}) or pass a local folder written by save_pretrained"
         ) from None
     except HFValidationError:
         raise CheckpointError(f"{text}: no such local folder, and not a valid Hub repository id (org/name)") from None
