@@ -170,6 +170,92 @@ def test_spoken_commands_hold_out_voices_and_refuse_silent_fallbacks(cache):
     assert rate == 16000 and wave.shape == (16000,) and np.abs(wave).max() > 0.05
 
 
+DIGIT_CLASSES = [str(d) for d in range(10)]
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.mark.slow
+def test_spoken_digits_share_the_digits_classes_and_hold_out_voices(cache):
+    speech = datasets.load("spoken_digits", root=cache)
+    assert speech.class_names == DIGIT_CLASSES == datasets.load("digits", root=cache).class_names
+    assert speech.info["words"] == dict(zip(DIGIT_CLASSES, DIGIT_WORDS))
+    assert datasets.available()["spoken_digits"]["modality"] == "audio"
+    speakers = speech.info["speakers"]
+    assert len(speakers["test"]) >= 10 and len(speakers["val"]) >= 5
+    for one, other in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not (set(speakers[one]) & set(speakers[other]))
+    for split in ("train", "val", "test"):
+        files = speech.files(split)
+        assert speech.counts[split] == len(files) == len(speakers[split]) * 10 * 2
+        for digit in DIGIT_CLASSES:  # every voice says every digit twice, in two accents
+            said = [p.name.split("_") for p in files if p.parent.name == digit]
+            assert sorted(name[0] for name in said) == sorted(speakers[split] * 2)
+            assert len({(name[0], name[1]) for name in said}) == len(said)
+    adapter = create_adapter("audio")
+    for split in ("train", "val", "test"):
+        for path in speech.files(split)[::97][:4]:
+            wave, rate = soundfile.read(path)
+            assert rate == 16000 and wave.shape == (16000,) and np.abs(wave).max() > 0.05
+            features = adapter.preprocess(adapter.load(path))
+            assert features.shape == (1, 128, 128) and bool(features.isfinite().all()) and features.std() > 0
+
+
+@pytest.mark.slow
+def test_spoken_digits_are_deterministic(cache, tmp_path):
+    speech = datasets.load("spoken_digits", root=cache)
+    again = datasets.load("spoken_digits", root=tmp_path)  # built again: the same files, byte for byte
+    assert _digest(again.root) == _digest(speech.root)
+
+
+@pytest.mark.slow
+def test_spoken_commands_keep_their_content_and_share_the_voice_split(cache):
+    commands = datasets.load("spoken_commands", root=cache)
+    digits = datasets.load("spoken_digits", root=cache)
+    assert commands.root.name == "spoken_commands-v1" and "words" not in commands.info
+    assert commands.class_names == sorted(["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"])
+    assert commands.info["speakers"] == digits.info["speakers"]  # a voice held out of one set is held out of both
+    for split in ("train", "val", "test"):
+        assert commands.counts[split] == len(commands.files(split)) == len(commands.info["speakers"][split]) * 10 * 3
+        assert {p.parent.name for p in commands.files(split)} == set(commands.class_names)
+    assert "says each word 3 times" in commands.info["description"]
+    assert "says each word 2 times" in digits.info["description"]
+
+
+def test_digit_clips_are_labelled_by_the_digit_and_test_digits_are_unseen(cache):
+    clips = datasets.load("digit_clips", root=cache)
+    digits = datasets.load("digits", root=cache)
+    assert clips.class_names == DIGIT_CLASSES == digits.class_names
+    assert datasets.available()["digit_clips"]["modality"] == "video"
+    assert clips.counts == {"train": 700, "val": 150, "test": 300}
+    label = {int(p.stem): p.parent.name for split in ("train", "val", "test") for p in digits.files(split)}
+    seen = {split: {int(p.stem) for p in digits.files(split)} for split in ("train", "val", "test")}
+    motions = set()
+    for split, per_class in (("train", 70), ("val", 15), ("test", 30)):
+        files = clips.files(split)
+        assert len(files) == clips.counts[split]
+        assert pd.Series([p.parent.name for p in files]).value_counts().to_dict() == dict.fromkeys(DIGIT_CLASSES,
+                                                                                                   per_class)
+        used = [int(p.stem.split("digit")[1]) for p in files]
+        assert set(used) <= seen[split]  # each clip's digit comes from the same split of digits
+        assert all(label[index] == p.parent.name for index, p in zip(used, files))  # labelled by the digit shown
+        motions |= {p.stem.split("_digit")[0].split("_", 1)[1] for p in files}
+    assert motions == {"left", "right", "up", "down", "rotate_cw", "rotate_ccw", "zoom_in", "zoom_out"}
+    for path in clips.files("test")[::60]:
+        frames = _decoded(path)
+        assert frames.shape == (16, 32, 32) and frames.max() > 150  # a bright digit over faint noise
+    adapter = create_adapter("video", num_frames=16, sampling="uniform", image_size=24, crop_pct=1.0)
+    for path in clips.files("val")[::50]:
+        sample = adapter.preprocess(adapter.load(path))
+        assert sample.shape == (3, 96, 96) and bool(sample.isfinite().all())
+    assert clips.dataset("test", adapter)[0][1] == 0
+
+
+@pytest.mark.slow
+def test_digit_clips_are_deterministic(cache, tmp_path):
+    clips = datasets.load("digit_clips", root=cache)
+    assert _digest(datasets.load("digit_clips", root=tmp_path).root) == _digest(clips.root)
+
+
 def test_an_unknown_voice_name_is_caught_not_silently_used():
     from uniperception.datasets import speech
 
@@ -178,10 +264,11 @@ def test_an_unknown_voice_name_is_caught_not_silently_used():
     assert kept == ["en+m3", "en-us"] and dropped == ["en+no-such-variant", "en-gb+m3"]
 
 
-def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(DatasetBuildError, match="apt-get install espeak-ng"):
-        datasets.load("spoken_commands", root=tmp_path)
+@pytest.mark.parametrize("name", ["spoken_commands", "spoken_digits"])
+def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path, name):
+    monkeypatch.setattr(shutil, "which", lambda program: None)
+    with pytest.raises(DatasetBuildError, match=f"{name} needs the espeak-ng program.*apt-get install espeak-ng"):
+        datasets.load(name, root=tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
 
 

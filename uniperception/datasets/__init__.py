@@ -11,8 +11,12 @@ name                modality     content
 ``digits``          image        scikit-learn's 1797 handwritten digits (8x8, 10 classes)
 ``spoken_commands`` audio        10 command words spoken by espeak-ng across English accents and voice variants,
                                  at random speeds and pitches; test and validation voices never speak in training
+``spoken_digits``   audio        the digits "zero" to "nine" spoken the same way (same voice split), in classes
+                                 "0" to "9": the class names of ``digits`` and ``digit_clips``
 ``moving_digits``   video        16-frame clips of real handwritten digits in 8 motions (4 directions, 2 rotations,
                                  zoom in and out): telling them apart needs the frame order
+``digit_clips``     video        16-frame clips of a real handwritten digit in a random one of those motions,
+                                 labelled by the digit ("0" to "9"); digits follow the ``digits`` split
 ``primitives``      point_cloud  surfaces of open3d's primitive meshes (8 shapes) with random proportions, pose and
                                  jitter
 ``gunpoint``,       time_series  UCR/UEA classification sets shipped by aeon (their train/test splits, validation
@@ -74,8 +78,12 @@ _SPECS: Dict[str, _Spec] = {spec.name: spec for spec in [
           "scikit-learn's handwritten digits, 8x8 PNG, 10 classes"),
     _Spec("spoken_commands", "audio", "classification", 1, "speech:build_spoken_commands",
           "10 command words by espeak-ng voices, 1 s 16 kHz WAV, voices held out for validation and test"),
+    _Spec("spoken_digits", "audio", "classification", 1, "speech:build_spoken_digits",
+          "the digits zero to nine by espeak-ng voices, classes 0-9 as in digits, 1 s 16 kHz WAV, voices held out"),
     _Spec("moving_digits", "video", "classification", 1, "images:build_moving_digits",
           "16-frame 32x32 H.264 MP4 clips of handwritten digits in 8 motions"),
+    _Spec("digit_clips", "video", "classification", 1, "images:build_digit_clips",
+          "16-frame 32x32 H.264 MP4 clips of a moving handwritten digit, labelled by the digit (classes 0-9)"),
     _Spec("primitives", "point_cloud", "classification", 1, "shapes:build_primitives",
           "2048-point PLY surfaces of 8 open3d primitive meshes"),
     _Spec("gunpoint", "time_series", "classification", 1, "series:build_gunpoint",
