@@ -62,7 +62,7 @@ def joint_setup(data, output, **config):
     names = ["high", "low"]
     model = UniPerceiver(["image", "audio"], class_names={"image": names, "audio": names},
                          adapters={"image": dict(image_size=32, crop_pct=1.0, auto_augment=None, re_prob=0.0),
-                                   "audio": dict(target_frames=32)})
+                                   "audio": dict(target_frames=32, num_mel_bins=40, freq_mask=4, time_mask=4)})
     train = {m: FolderDataset(data[m], model.adapters[m], train=True) for m in data}
     val = {m: FolderDataset(data[m], model.adapters[m]) for m in data}
     settings = dict(epochs=2, batch_size=4, lr=2e-3, warmup_epochs=0.5, progress=False, output=str(output))
@@ -206,3 +206,83 @@ def test_the_command_line_trains_jointly_from_a_config_file(data, tmp_path, caps
     assert main(["train", "--dataset", "audio=digits", "--dataset", f"image={data['image']}",
                  "--output", str(tmp_path / "bad")]) == 2
     assert "not a built-in audio classification set" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a shared embedding space: audio aligned to images of the same class
+
+
+def test_alignment_pulls_audio_to_images_of_its_class(data, tmp_path, single_thread):
+    from uniperception.alignment import chance_recall_at_k, contrastive_loss
+
+    model, train, val, config = joint_setup(data, tmp_path / "run", epochs=4, align=1.0, temperature=0.1)
+    trainer = Trainer(model, train, val, config)
+
+    def misalignment():
+        audio, audio_labels = trainer.embeddings(val["audio"], "audio")
+        images, image_labels = trainer.embeddings(val["image"], "image")
+        return float(contrastive_loss(audio, images, audio_labels, image_labels, temperature=0.1))
+
+    before = misalignment()
+    history = trainer.fit()
+    assert trainer.anchor == "image" and set(trainer.partners) == {"audio"}
+    last = history[-1]
+    for key in ("val_audio_to_image_recall@1", "val_audio_to_image_recall@5", "val_audio_zero_shot_top1",
+                "val_recall@1", "val_image_top1", "val_audio_top1"):
+        assert 0.0 <= last[key] <= 1.0, key
+    audio, audio_labels = trainer.embeddings(val["audio"], "audio")
+    images, image_labels = trainer.embeddings(val["image"], "image")
+    assert audio.shape == (8, model.backbone.num_features) and images.shape[0] == 12
+    assert chance_recall_at_k(audio_labels, image_labels, ks=(1,))["recall@1"] == pytest.approx(0.5)
+    assert misalignment() < before  # tones and squares of a class moved towards each other
+
+
+def test_an_embedding_model_trains_on_alignment_alone_and_resumes_exactly(data, tmp_path, single_thread):
+    def setup(output, **config):
+        torch.manual_seed(0)
+        model = UniPerceiver(["image", "audio"], adapters={
+            "image": dict(image_size=32, crop_pct=1.0, auto_augment=None, re_prob=0.0),
+            "audio": dict(target_frames=32, num_mel_bins=40, freq_mask=4, time_mask=4)})
+        train = {m: FolderDataset(data[m], model.adapters[m], train=True) for m in data}
+        val = {m: FolderDataset(data[m], model.adapters[m]) for m in data}
+        return model, train, val, TrainConfig(epochs=2, batch_size=4, lr=2e-3, warmup_epochs=0.5, progress=False,
+                                              output=str(output), align=1.0, **config)
+
+    model, train, val, config = setup(tmp_path / "whole")
+    assert model.task == "embedding"
+    whole = CopyAfterFirstEpoch(model, train, val, config).fit()
+    assert "train_loss_image" not in whole[-1] and np.isfinite(whole[-1]["train_loss_audio"])
+    assert "val_recall@1" in whole[-1] and "val_image_top1" not in whole[-1]
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    model, train, val, config = setup(tmp_path / "killed", resume=True)
+    resumed = Trainer(model, train, val, config).fit()
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=0)
+
+    model, train, val, _ = setup(tmp_path / "plain")
+    with pytest.raises(UniPerceptionError, match="align it with another modality"):
+        Trainer(model, train, val, TrainConfig(epochs=1, output=str(tmp_path / "plain")))
+    with pytest.raises(UniPerceptionError, match=r"turn them off for \['audio'\]"):
+        Trainer(model, train, val, TrainConfig(epochs=1, align=1.0, mixup=0.5, output=str(tmp_path / "x")))
+    with pytest.raises(UniPerceptionError, match="align_to='video' has no training data"):
+        Trainer(model, train, val, TrainConfig(epochs=1, align=1.0, align_to="video", output=str(tmp_path / "y")))
+
+
+def test_each_modality_keeps_its_own_batchnorm_statistics(data, tmp_path, single_thread):
+    model, train, val, config = joint_setup(data, tmp_path / "run", epochs=1)
+    statistics = model.modality_statistics
+    assert statistics is not None and len(statistics.layers) > 0 and not statistics.differ()
+    Trainer(model, train, val, config).fit()
+    assert statistics.differ()  # spectrograms and photos moved their layers' statistics apart
+    model.eval()
+    batches = {m: model.adapters[m].collate([val[m][i][0] for i in range(3)]) for m in val}
+    with torch.no_grad():
+        first = {m: model(batches[m], modality=m) for m in batches}
+        again = {m: model(batches[m], modality=m) for m in reversed(list(batches))}  # the order does not matter
+        loaded = UniPerceiver.from_pretrained(model.save_pretrained(tmp_path / "saved"))
+        for m in batches:
+            torch.testing.assert_close(again[m], first[m], rtol=0, atol=0)
+            torch.testing.assert_close(loaded(batches[m], modality=m), first[m], rtol=0, atol=0)
+    with pytest.raises(UniPerceptionError, match="own BatchNorm statistics"):
+        model.reparameterize()

@@ -103,6 +103,11 @@ class TrainConfig:
     # random in proportion to their batches) or "round_robin" (the modalities take turns batch by batch; an epoch
     # ends when the largest set has been seen once, the smaller ones starting over reshuffled)
     schedule: str = "proportional"
+    # several modalities: weight of the contrastive term that aligns each modality's embeddings with those of an
+    # anchor modality (align_to; default image, else the first), positives being samples of the same class name
+    align: float = 0.0
+    align_to: Optional[str] = None
+    temperature: float = 0.07  # of the contrastive term
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accumulation_steps < 1 or self.season < 1:
@@ -113,6 +118,8 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1 or any(not isinstance(v, (int, float)) or v < 0 for v in alphas):
             raise UniPerceptionError("label_smoothing must be in [0, 1) and mixup, cutmix non-negative numbers (or "
                                      "dicts of them keyed by modality)")
+        if self.align < 0 or self.temperature <= 0:
+            raise UniPerceptionError("align must be non-negative and temperature positive")
         if self.schedule not in SCHEDULES:
             raise UniPerceptionError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -190,8 +197,12 @@ class Trainer:
             raise UniPerceptionError(f"val_data has modalities without training data: {missing}")
         self.joint = len(model.modalities) > 1
         self.task = model.task
-        if self.task == "embedding":
-            raise UniPerceptionError("an embedding model has no loss to train; build it for classification")
+        self.anchor, self.partners = None, {}
+        if self.config.align > 0:
+            self._set_up_alignment()
+        elif self.task == "embedding":
+            raise UniPerceptionError("an embedding model has no loss to train on its own: build it for "
+                                     "classification, or align it with another modality (align > 0)")
         self.device = _device(self.config.device)
         if self.config.amp == "fp16" and self.device.type != "cuda":
             raise UniPerceptionError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
@@ -208,6 +219,38 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------------------
     # set-up
+
+    def _set_up_alignment(self) -> None:
+        """The anchor modality and, for every other one, the same-class partners it is paired with."""
+        from .alignment import SameClassPartners, match_classes
+
+        if len(self.train_sets) < 2:
+            raise UniPerceptionError("align > 0 needs training data of at least two modalities")
+        anchor = self.config.align_to or ("image" if "image" in self.train_sets else self.modalities[0])
+        if anchor not in self.train_sets:
+            raise UniPerceptionError(f"align_to={anchor!r} has no training data; modalities: {self.modalities}")
+        if self.task not in ("classification", "embedding"):
+            raise UniPerceptionError(f"alignment needs a classification or embedding model, not {self.task}")
+        mixing = [m for m in self.modalities if m != anchor and
+                  (_for_modality(self.config.mixup, m) > 0 or _for_modality(self.config.cutmix, m) > 0)]
+        if mixing:
+            raise UniPerceptionError(f"alignment pairs samples by class, which mixup/cutmix blur: turn them off "
+                                     f"for {mixing} (mixup: {{{anchor!r}: ...}} keeps them for the anchor)")
+        self.anchor = anchor
+        anchor_set = self.train_sets[anchor]
+        anchor_labels = _item_labels(anchor_set, anchor)
+        for modality in self.modalities:
+            if modality == anchor:
+                continue
+            data = self.train_sets[modality]
+            shared, to_shared_a, to_shared_b = match_classes(_class_names(data, modality),
+                                                             _class_names(anchor_set, anchor))
+            labels = [to_shared_a.get(label, -1) for label in _item_labels(data, modality)]
+            self.partners[modality] = (
+                {int(k): int(v) for k, v in to_shared_a.items()},
+                SameClassPartners(labels, [to_shared_b.get(label, -1) for label in anchor_labels],
+                                  seed=self.config.seed),
+            )
 
     def _check_output(self) -> None:
         problem = None
@@ -381,7 +424,7 @@ class Trainer:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
-        batches = {m: len(self._loader(data, True, 0, m)) for m, data in self.train_sets.items()}
+        batches = {m: len(self._loader(data, True, 0, m)) for m, data in self._scheduled_sets().items()}
         for modality, count in batches.items():
             if not self.dist.all_true(count > 0):
                 which = f"the {modality} training set" if self.joint else "the training set"
@@ -395,8 +438,10 @@ class Trainer:
             if self.ema is not None:
                 self.dist.broadcast_buffers(self.ema.module)
             metrics = {m: self.evaluate(data, use_ema=self.ema is not None, modality=m)
-                       for m, data in sorted(self.val_sets.items())}
+                       for m, data in sorted(self.val_sets.items())} if self.task != "embedding" else {}
             record.update(_validation_record(metrics, self.joint))
+            if self.anchor is not None and self.anchor in self.val_sets:
+                record.update(self.alignment_metrics(use_ema=self.ema is not None))
             self.history.append(record)
             self.model.mark_trained()
             score = self._score(record)
@@ -412,16 +457,106 @@ class Trainer:
             self.dist.barrier()  # no process runs ahead of the checkpoint it would resume from
 
     def _score(self, record: Dict[str, Any]) -> Optional[float]:
-        """Lower is better: negative top-1 for classification, MAE for forecasting, else the validation loss."""
+        """Lower is better: negative top-1 for classification, MAE for forecasting, negative cross-modal recall@1
+        for an aligned embedding model, else the validation loss."""
         if "val_top1" in record:
             return -record["val_top1"]
+        if "val_recall@1" in record:
+            return -record["val_recall@1"]
         if "val_mae" in record:
             return record["val_mae"]
         return record.get("val_loss")
 
+    def _scheduled_sets(self) -> Dict[str, Dataset]:
+        """The training sets whose batches make the steps: all of them, except the anchor of an aligned embedding
+        model, which has no loss of its own and trains as the partner of the others."""
+        return {m: data for m, data in self.train_sets.items()
+                if not (self.task == "embedding" and m == self.anchor)}
+
+    def _loss(self, modality: str, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, epoch: int,
+              step: int) -> torch.Tensor:
+        """The step's loss: the task's on the batch and, for a modality aligned to the anchor, ``align`` times the
+        contrastive loss between the batch's embeddings and those of same-class anchor samples drawn for it (one
+        forward pass of both, so DistributedDataParallel sees one graph)."""
+        from .alignment import contrastive_loss
+
+        def task_loss(outputs):
+            return self.criterion(outputs.float(), targets.float() if self.task == "forecasting" or
+                                  targets.is_floating_point() else targets)
+
+        if modality not in self.partners:
+            return task_loss(self.net(inputs, modality=modality))
+        to_shared, partners = self.partners[modality]
+        shared = torch.tensor([to_shared.get(int(label), -1) for label in labels.tolist()])
+        keep = shared >= 0
+        anchor_set = self.train_sets[self.anchor]
+        drawn = [(anchor_set[int(i)], label) for i, label in
+                 zip(partners.draw(shared[keep], epoch, step).tolist(), shared[keep].tolist(), strict=True)]
+        drawn = [(item[0], label) for item, label in drawn if item is not None]  # unreadable partners are left out
+        if not drawn:
+            return task_loss(self.net(inputs, modality=modality)) if self.task != "embedding" else \
+                self.net(inputs, modality=modality).sum() * 0.0
+        partner_batch, partner_labels = self._on_device((self.model.adapters[self.anchor].collate(
+            [sample for sample, _ in drawn]), torch.tensor([label for _, label in drawn])))
+        both = self.net({modality: inputs, self.anchor: partner_batch}, with_embedding=True)
+        (outputs, embeddings), (_, anchor_embeddings) = both[modality], both[self.anchor]
+        aligned = contrastive_loss(embeddings[keep.to(embeddings.device)].float(), anchor_embeddings.float(),
+                                   shared[keep].to(embeddings.device), partner_labels,
+                                   temperature=self.config.temperature)
+        aligned = self.config.align * aligned
+        return aligned if self.task == "embedding" else task_loss(outputs) + aligned
+
+    @torch.no_grad()
+    def embeddings(self, data: Dataset, modality: str, use_ema: bool = False) -> tuple:
+        """``(embeddings (N, C), labels (N,))`` of a labelled dataset of ``modality``, gathered from every
+        process (in no particular order)."""
+        model = self.ema.module if use_ema and getattr(self, "ema", None) is not None else self.model
+        was_training = model.training
+        model.eval().to(self.device, memory_format=self._memory_format)
+        vectors, labels = [], []
+        try:
+            for batch, _ in self._loader(data, False, 0, modality):
+                if batch is None:
+                    continue
+                inputs, targets = self._on_device(batch)
+                with self._autocast():
+                    vectors.append(model(inputs, modality=modality, with_embedding=True)[1].float().cpu())
+                labels.append(targets.cpu())
+        finally:
+            model.train(was_training)
+        shares = self.dist.gather((torch.cat(vectors) if vectors else torch.empty(0),
+                                   torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)))
+        return torch.cat([v for v, _ in shares if v.numel()]), torch.cat([l for _, l in shares])
+
+    def alignment_metrics(self, use_ema: bool = False) -> Dict[str, float]:
+        """On the validation sets: for each modality aligned to the anchor, class-level retrieval of anchor
+        samples (``val_<m>_to_<anchor>_recall@1`` and ``@5``) and zero-shot classification by the anchor's class
+        prototypes (``val_<m>_zero_shot_top1``), and the mean recall@1 (``val_recall@1``)."""
+        from .alignment import class_prototypes, match_classes, prototype_accuracy, recall_at_k
+
+        anchor_data = self.val_sets[self.anchor]
+        anchor_vectors, anchor_labels = self.embeddings(anchor_data, self.anchor, use_ema)
+        record: Dict[str, float] = {}
+        for modality in sorted(set(self.val_sets) & set(self.partners)):
+            data = self.val_sets[modality]
+            shared, to_shared, to_shared_anchor = match_classes(_class_names(data, modality),
+                                                                _class_names(anchor_data, self.anchor))
+            vectors, labels = self.embeddings(data, modality, use_ema)
+            query = torch.tensor([to_shared.get(int(l), -1) for l in labels.tolist()])
+            gallery = torch.tensor([to_shared_anchor.get(int(l), -1) for l in anchor_labels.tolist()])
+            q, g = query >= 0, gallery >= 0
+            for name, value in recall_at_k(vectors[q], anchor_vectors[g], query[q], gallery[g]).items():
+                record[f"val_{modality}_to_{self.anchor}_{name}"] = value
+            prototypes = class_prototypes(anchor_vectors[g], gallery[g], len(shared))
+            record[f"val_{modality}_zero_shot_top1"] = prototype_accuracy(prototypes, vectors[q], query[q])
+        recalls = [v for k, v in record.items() if k.endswith("_recall@1")]
+        if recalls:
+            record["val_recall@1"] = sum(recalls) / len(recalls)
+        return record
+
     def _batches(self, epoch: int):
         """``(modality, (batch, dropped))`` for every step of the epoch, in the schedule's order."""
-        loaders = {m: self._loader(data, True, epoch, m) for m, data in self.train_sets.items()}
+        loaders = {m: self._loader(data, True, epoch, m) for m, data in self._scheduled_sets().items()}
         order = modality_schedule({m: len(l) for m, l in loaders.items()}, self.config.schedule, self.config.seed,
                                   epoch)
         iterators = {m: iter(loader) for m, loader in loaders.items()}
@@ -443,8 +578,9 @@ class Trainer:
         self.model.train()
         order, steps = self._batches(epoch)
         accumulation = self.config.accumulation_steps
-        losses = {m: 0.0 for m in self.modalities}
-        counts = {m: 0 for m in self.modalities}
+        scheduled = sorted(self._scheduled_sets())
+        losses = {m: 0.0 for m in scheduled}
+        counts = {m: 0 for m in scheduled}
         skipped = 0
         self.optimizer.zero_grad(set_to_none=True)
         bar = tqdm(steps, total=len(order), desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
@@ -457,6 +593,7 @@ class Trainer:
             if not self.dist.all_true(batch is not None):
                 continue  # every process skips together: the others must not wait in a collective alone
             inputs, targets = self._on_device(batch)
+            labels = targets
             mixup = self.mixups.get(modality)
             if mixup is not None and inputs.shape[0] % 2 == 0:
                 inputs, targets = mixup(inputs, targets)
@@ -469,9 +606,7 @@ class Trainer:
             sync = contextlib.nullcontext() if update or not self.dist.enabled else self.net.no_sync()
             with sync:
                 with self._autocast():
-                    outputs = self.net(inputs, modality=modality)
-                    loss = self.criterion(outputs.float(), targets.float() if self.task == "forecasting" or
-                                          targets.is_floating_point() else targets)
+                    loss = self._loss(modality, inputs, targets, labels, epoch, step)
                 if not self.dist.all_true(bool(torch.isfinite(loss))):
                     where = "" if not self.dist.enabled else f" (in at least one of {self.dist.world_size} processes)"
                     raise TrainingError(
@@ -491,10 +626,9 @@ class Trainer:
             counts[modality] += inputs.shape[0]
             bar.set_postfix(loss=f"{sum(losses.values()) / max(sum(counts.values()), 1):.4f}",
                             lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        sums = self.dist.all_sum([losses[m] for m in self.modalities] + [counts[m] for m in self.modalities]
-                                 + [skipped])
-        losses = dict(zip(self.modalities, sums[:len(self.modalities)], strict=True))
-        counts = dict(zip(self.modalities, sums[len(self.modalities):-1], strict=True))
+        sums = self.dist.all_sum([losses[m] for m in scheduled] + [counts[m] for m in scheduled] + [skipped])
+        losses = dict(zip(scheduled, sums[:len(scheduled)], strict=True))
+        counts = dict(zip(scheduled, sums[len(scheduled):-1], strict=True))
         skipped = int(sums[-1])
         if skipped and self.dist.is_main:
             warnings.warn(f"epoch {epoch + 1}: skipped {skipped} unreadable sample(s)", RuntimeWarning, stacklevel=2)
@@ -502,7 +636,7 @@ class Trainer:
         record = {"train_loss": sum(losses.values()) / max(sum(counts.values()), 1),
                   "lr": self.optimizer.param_groups[0]["lr"], "skipped": skipped}
         if self.joint:
-            record.update({f"train_loss_{m}": losses[m] / max(counts[m], 1) for m in self.modalities})
+            record.update({f"train_loss_{m}": losses[m] / max(counts[m], 1) for m in scheduled})
         return record
 
     def _update(self) -> None:
@@ -616,6 +750,26 @@ def _smoothed_one_hot(labels: torch.Tensor, classes: int, smoothing: float) -> t
     off = smoothing / classes
     return torch.full((labels.shape[0], classes), off, device=labels.device).scatter_(1, labels[:, None],
                                                                                          1.0 - smoothing + off)
+
+
+def _class_names(data: Dataset, modality: str) -> List[str]:
+    names = getattr(data, "class_names", None)
+    if not names:
+        raise UniPerceptionError(f"alignment pairs samples by class: the {modality} dataset must have class_names "
+                                 "(FolderDataset, ManifestDataset)")
+    return list(names)
+
+
+def _item_labels(data: Dataset, modality: str) -> List[int]:
+    """Every item's label without reading a file: ``(path, label)`` items, or a ``labels``/``targets`` list."""
+    items = getattr(data, "items", None)
+    if items is not None:
+        return [int(label) for _, label in items]
+    for name in ("labels", "targets"):
+        if getattr(data, name, None) is not None:
+            return [int(label) for label in getattr(data, name)]
+    raise UniPerceptionError(f"alignment draws same-class partners: the {modality} dataset must list its labels "
+                             "(items of (path, label), or a labels attribute)")
 
 
 def _per_modality(model, data: Any, what: str) -> Dict[str, Dataset]:

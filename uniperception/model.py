@@ -46,7 +46,7 @@ from .errors import UniPerceptionError
 from .files import atomic_write, umask
 from .heads import ClassificationHead, EmbeddingHead, ForecastingHead
 
-__all__ = ["ModalityStems", "UniPerceiver", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["ModalityStatistics", "ModalityStems", "UniPerceiver", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -90,6 +90,67 @@ class ModalityStems(nn.Module):
                 f"the {modality} stem takes {conv.in_channels} channel(s), got an input of shape {tuple(x.shape)}"
             )
         return conv(x)
+
+
+class ModalityStatistics(nn.Module):
+    """Each modality's own BatchNorm running statistics in a backbone shared by several modalities.
+
+    A spectrogram and a photo give the shared layers very different activations, so one set of running means and
+    variances, updated by batches of every modality in turn, fits none of them at evaluation. The affine weights stay
+    shared; the statistics are kept here per modality (``modality_statistics.<modality>.<layer>_mean`` / ``_var``)
+    and put into the BatchNorm layers before each forward pass of that modality (:meth:`use`), then, in training,
+    taken back with the updates the pass made (:meth:`keep`).
+    """
+
+    def __init__(self, backbone: nn.Module, modalities: Sequence[str]):
+        super().__init__()
+        self.layers = [name for name, module in backbone.named_modules()
+                       if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+        self.per_modality = nn.ModuleDict({m: nn.Module() for m in modalities})
+        for holder in self.per_modality.values():
+            for name in self.layers:
+                layer = backbone.get_submodule(name)
+                holder.register_buffer(self._key(name, "mean"), layer.running_mean.detach().clone())
+                holder.register_buffer(self._key(name, "var"), layer.running_var.detach().clone())
+
+    @staticmethod
+    def _key(layer: str, kind: str) -> str:
+        return f"{layer.replace('.', '_')}_{kind}"
+
+    def _pairs(self, backbone: nn.Module, modality: str):
+        """``(layer, buffer name, kept statistics)`` of every BatchNorm layer."""
+        holder = self.per_modality[modality]
+        for name in self.layers:
+            layer = backbone.get_submodule(name)
+            for kind, buffer in (("mean", "running_mean"), ("var", "running_var")):
+                yield layer, buffer, getattr(holder, self._key(name, kind))
+
+    @torch.no_grad()
+    def use(self, backbone: nn.Module, modality: str) -> None:
+        """Put ``modality``'s statistics into the backbone's BatchNorm layers.
+
+        Each layer gets new tensors rather than having its own overwritten: a training step that runs the backbone
+        on two modalities keeps the first pass's statistics, which autograd saved, unchanged."""
+        for layer, buffer, kept in self._pairs(backbone, modality):
+            setattr(layer, buffer, kept.clone())
+
+    @torch.no_grad()
+    def keep(self, backbone: nn.Module, modality: str) -> None:
+        """Take the backbone's (updated) statistics back as ``modality``'s."""
+        for layer, buffer, kept in self._pairs(backbone, modality):
+            kept.copy_(getattr(layer, buffer))
+
+    @torch.no_grad()
+    def reset(self, backbone: nn.Module) -> None:
+        """Every modality starts from the backbone's current statistics (e.g. of loaded weights)."""
+        for modality in self.per_modality:
+            self.keep(backbone, modality)
+
+    def differ(self) -> bool:
+        """True when the modalities' statistics are no longer all the same."""
+        holders = list(self.per_modality.values())
+        return any(not torch.equal(a, b) for other in holders[1:]
+                   for a, b in zip(holders[0].buffers(), other.buffers(), strict=True))
 
 
 def _per_modality(value: Any, modalities: Sequence[str], what: str) -> Dict[str, Any]:
@@ -204,8 +265,11 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
                                                                                           range(count)]
 
         self.backbone = self._build_backbone()
+        self.modality_statistics: Optional[ModalityStatistics] = None
         if len(modalities) > 1:
             self._install_stems()
+            statistics = ModalityStatistics(self.backbone, modalities)
+            self.modality_statistics = statistics if statistics.layers else None
         # pooled features: a pre-logits layer (MobileNetV3, GhostNet) makes them head_hidden_size wide
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.heads = nn.ModuleDict()
@@ -370,8 +434,14 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
         if self.stems is None:
             return self.backbone(maps), context
         token = self.stems.select(modality)
+        statistics = self.modality_statistics
         try:
-            return self.backbone(maps), context
+            if statistics is not None:
+                statistics.use(self.backbone, modality)
+            features = self.backbone(maps)
+            if statistics is not None and self.training:
+                statistics.keep(self.backbone, modality)
+            return features, context
         finally:
             _ACTIVE_STEM.reset(token)
 
@@ -549,9 +619,20 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
         return bool(getattr(self.backbone, "deploy", False) or getattr(self, "_reparameterized", False))
 
     def reparameterize(self) -> "UniPerceiver":
-        """The backbone's deploy form (UniRepLKNet: merged kernels, no BatchNorm), in place; returns ``self``."""
+        """The backbone's deploy form (UniRepLKNet: merged kernels, no BatchNorm), in place; returns ``self``.
+
+        A model of several modalities folds BatchNorm statistics shared by all of them: one trained jointly, whose
+        modalities' statistics differ (:class:`ModalityStatistics`), has no single exact deploy form and raises."""
         from timm.utils import reparameterize_model
 
+        if self.modality_statistics is not None:
+            if self.modality_statistics.differ():
+                raise UniPerceptionError(
+                    "this model's modalities have their own BatchNorm statistics (it was trained on several at "
+                    "once), and one deploy form folds one set of them: it would answer exactly for one modality "
+                    "only. Keep the train form for this model")
+            self.modality_statistics.use(self.backbone, self.modalities[0])
+            self.modality_statistics = None
         if self.is_unireplknet:
             self.backbone.reparameterize()
         else:
@@ -747,6 +828,8 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
             else:
                 self._load_through_plain_stem(state_dict, path, trusted)
             self._backbone_origin = str(path)
+            if self.modality_statistics is not None:
+                self.modality_statistics.reset(self.backbone)
             return self
         # another timm backbone: strip wrappers, drop the classifier, adapt the first conv, load the rest
         for prefix in ("model.", "module.", "backbone."):
@@ -779,6 +862,8 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
             raise CheckpointError(f"{path}: does not fit {self.backbone_name}: missing {missing[:6]}, "
                                   f"unexpected {unexpected[:6]}")
         self._backbone_origin = str(path)
+        if self.modality_statistics is not None:
+            self.modality_statistics.reset(self.backbone)
         return self
 
     def _load_through_plain_stem(self, state_dict: Dict[str, torch.Tensor], path: Path, trusted: bool) -> None:
