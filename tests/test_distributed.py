@@ -239,3 +239,42 @@ def test_metrics_of_shares_merge_into_the_metrics_of_the_whole():
     assert first.merge(second).compute() == pytest.approx(whole.compute())
     with pytest.raises(UniPerceptionError, match="same season"):
         ForecastMetrics(season=1).merge(ForecastMetrics(season=2))
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_a_joint_model_as_one_process_does(tmp_path):
+    """Joint training of two modalities under torchrun: every process takes the same modality order, the unused
+    stems and heads of a step do not stall DistributedDataParallel, and the result is one process's."""
+    import yaml
+
+    from test_joint_training import write_tones
+
+    config = {
+        "datasets": {
+            "time_series": {"data": str(write_series_classes(tmp_path / "series")),
+                            "adapter": {"length": 48, "jitter": 0, "scaling": 0}},
+            # no random augmentation: each process draws its own
+            "audio": {"data": str(write_tones(tmp_path / "tones")),
+                      "adapter": {"target_frames": 32, "num_mel_bins": 40, "freq_mask": 0, "time_mask": 0,
+                                  "time_roll": 0, "noise": 0.0}},
+        },
+        "epochs": 2, "lr": 2e-3, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "sync_bn": True, "seed": 3,
+    }
+    (tmp_path / "joint.yaml").write_text(yaml.safe_dump(config))
+    common = ["train", "--config", str(tmp_path / "joint.yaml")]
+    one = _run([sys.executable, "-m", "uniperception", *common, "--batch-size", "8", "--output",
+                str(tmp_path / "one")], tmp_path)
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "uniperception", *common, "--batch-size", "4", "--output", str(tmp_path / "two")], tmp_path)
+    assert one.stdout.count("trained 2 epoch(s)") == 1 and two.stdout.count("trained 2 epoch(s)") == 1
+    history_one = pd.read_csv(tmp_path / "one" / "metrics.csv")
+    history_two = pd.read_csv(tmp_path / "two" / "metrics.csv")
+    for column in ("train_loss_audio", "train_loss_time_series"):
+        np.testing.assert_allclose(history_two[column], history_one[column], rtol=1e-4)
+    single = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    parallel = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert single.keys() == parallel.keys()
+    for name in single:
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-3, atol=1e-3, msg=name)
+    model = UniPerceiver.from_pretrained(tmp_path / "two" / "model")
+    assert model.modalities == ["audio", "time_series"]
