@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -753,6 +753,8 @@ def _smoothed_one_hot(labels: torch.Tensor, classes: int, smoothing: float) -> t
 
 
 def _class_names(data: Dataset, modality: str) -> List[str]:
+    while isinstance(data, Subset):
+        data = data.dataset
     names = getattr(data, "class_names", None)
     if not names:
         raise UniPerceptionError(f"alignment pairs samples by class: the {modality} dataset must have class_names "
@@ -761,7 +763,11 @@ def _class_names(data: Dataset, modality: str) -> List[str]:
 
 
 def _item_labels(data: Dataset, modality: str) -> List[int]:
-    """Every item's label without reading a file: ``(path, label)`` items, or a ``labels``/``targets`` list."""
+    """Every item's label without reading a file: ``(path, label)`` items, or a ``labels``/``targets`` list (of
+    a :class:`~torch.utils.data.Subset`'s dataset, taken at its indices)."""
+    if isinstance(data, Subset):
+        labels = _item_labels(data.dataset, modality)
+        return [labels[i] for i in data.indices]
     items = getattr(data, "items", None)
     if items is not None:
         return [int(label) for _, label in items]
