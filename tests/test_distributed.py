@@ -119,6 +119,17 @@ TRAIN = ["train", "--modality", "time_series", "--epochs", "2", "--lr", "2e-3", 
          "--adapter", "jitter=0", "--adapter", "scaling=0", "--label-smoothing", "0", "--sync-bn", "--seed", "3"]
 
 
+def assert_same_weights(one: Path, two: Path) -> None:
+    """The models saved by the runs in ``one`` and ``two`` hold the same tensors up to float32 summation order."""
+    single = load_file(one / "model" / "model.safetensors")
+    parallel = load_file(two / "model" / "model.safetensors")
+    assert single.keys() == parallel.keys()
+    for name in single:
+        # float32 sums in another order, through 8 AdamW updates; per-process BatchNorm (no --sync-bn) moves the
+        # running variances by more than 1 and the weights by more than 1e-2
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-3, atol=1e-3, msg=name)
+
+
 def _run(command, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -137,13 +148,7 @@ def test_two_torchrun_processes_train_the_weights_of_one_process_with_the_global
     assert one.stdout.count("trained 2 epoch(s)") == 1
     assert two.stdout.count("trained 2 epoch(s)") == 1  # rank 0 alone reports and saves
 
-    single = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    parallel = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    assert single.keys() == parallel.keys()
-    for name in single:
-        # float32 sums in another order, through 8 AdamW updates; per-process BatchNorm (no --sync-bn) moves the
-        # running variances by more than 1 and the weights by more than 1e-2
-        torch.testing.assert_close(parallel[name], single[name], rtol=1e-3, atol=1e-3, msg=name)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
     history_one = pd.read_csv(tmp_path / "one" / "metrics.csv")
     history_two = pd.read_csv(tmp_path / "two" / "metrics.csv")
     assert list(history_two["epoch"]) == [0, 1]  # one writer
@@ -271,10 +276,6 @@ def test_two_torchrun_processes_train_a_joint_model_as_one_process_does(tmp_path
     history_two = pd.read_csv(tmp_path / "two" / "metrics.csv")
     for column in ("train_loss_audio", "train_loss_time_series"):
         np.testing.assert_allclose(history_two[column], history_one[column], rtol=1e-4)
-    single = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    parallel = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    assert single.keys() == parallel.keys()
-    for name in single:
-        torch.testing.assert_close(parallel[name], single[name], rtol=1e-3, atol=1e-3, msg=name)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
     model = UniPerceiver.from_pretrained(tmp_path / "two" / "model")
     assert model.modalities == ["audio", "time_series"]

@@ -46,14 +46,6 @@ def image_setup(root, **config):
     return model, train, val, TrainConfig(**settings)
 
 
-@pytest.fixture
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_run_writes_checkpoints_metrics_and_history(tmp_path, single_thread):
     data = write_two_classes(tmp_path / "data")
     model, train, val, config = image_setup(data, ema_decay=0.9, clip_grad=1.0, accumulation_steps=2)

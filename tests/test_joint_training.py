@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from PIL import Image
 
+from test_engine import write_two_classes
 from uniperception import UniPerceiver
 from uniperception.data import FolderDataset
 from uniperception.engine import TrainConfig, Trainer, TrainingError, modality_schedule
@@ -19,23 +19,11 @@ from uniperception.errors import UniPerceptionError
 RATE = 16000
 
 
-def write_images(root, per_class=6, size=32):
-    """Dark images with a bright square top-left (class low) or bottom-right (class high)."""
-    rng = np.random.default_rng(0)
-    for name, corner in (("low", (slice(0, 12), slice(0, 12))), ("high", (slice(-12, None), slice(-12, None)))):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
-            image[corner] = 220
-            Image.fromarray(image).save(root / name / f"{i}.png")
-    return root
-
-
 def write_tones(root, per_class=4):
-    """Short noisy tones: 300 Hz (class low) or 3000 Hz (class high)."""
+    """Short noisy tones: 300 Hz (class a) or 3000 Hz (class b), the classes of test_engine's images."""
     rng = np.random.default_rng(1)
     t = np.arange(int(0.4 * RATE)) / RATE
-    for name, frequency in (("low", 300.0), ("high", 3000.0)):
+    for name, frequency in (("a", 300.0), ("b", 3000.0)):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             wave = 0.5 * np.sin(2 * np.pi * frequency * (1 + 0.02 * i) * t) + 0.05 * rng.standard_normal(t.size)
@@ -46,20 +34,12 @@ def write_tones(root, per_class=4):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("joint")
-    return {"image": write_images(root / "image"), "audio": write_tones(root / "audio")}
-
-
-@pytest.fixture
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return {"image": write_two_classes(root / "image"), "audio": write_tones(root / "audio")}
 
 
 def joint_setup(data, output, **config):
     torch.manual_seed(0)
-    names = ["high", "low"]
+    names = ["a", "b"]
     model = UniPerceiver(["image", "audio"], class_names={"image": names, "audio": names},
                          adapters={"image": dict(image_size=32, crop_pct=1.0, auto_augment=None, re_prob=0.0),
                                    "audio": dict(target_frames=32, num_mel_bins=40, freq_mask=4, time_mask=4)})
@@ -149,7 +129,7 @@ def test_joint_data_must_be_keyed_by_the_models_modalities(data, tmp_path):
 def test_predict_and_embed_take_a_mix_of_modalities(data):
     model, *_ = joint_setup(data, "unused")
     model.mark_trained()
-    image, sound = sorted((data["image"] / "low").iterdir())[0], sorted((data["audio"] / "high").iterdir())[0]
+    image, sound = sorted((data["image"] / "a").iterdir())[0], sorted((data["audio"] / "b").iterdir())[0]
     mixed = [sound, image, sound]
     vectors = model.embed(mixed)
     assert vectors.shape == (3, model.backbone.num_features)
@@ -160,7 +140,7 @@ def test_predict_and_embed_take_a_mix_of_modalities(data):
     assert [a["source"] for a in answers] == [str(p) for p in mixed]
     by_modality = model.embed({"image": [image], "audio": [sound, sound]})
     assert by_modality["image"].shape == (1, model.backbone.num_features) and by_modality["audio"].shape[0] == 2
-    assert model.predict({"audio": [sound]})["audio"][0]["class_name"] in ("low", "high")
+    assert model.predict({"audio": [sound]})["audio"][0]["class_name"] in ("a", "b")
     with pytest.raises(UniPerceptionError, match="no modality of this model reads .ply"):
         model.embed([image, image.with_suffix(".ply")])
 
@@ -196,10 +176,10 @@ def test_the_command_line_trains_jointly_from_a_config_file(data, tmp_path, caps
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val_image_top1", "val_audio_top1", "val_top1"} <= set(header)
 
-    sound = sorted((data["audio"] / "low").iterdir())[0]
+    sound = sorted((data["audio"] / "a").iterdir())[0]
     assert main(["predict", "--model", str(saved), "--json", str(sound)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["label"] in ("low", "high") and {name for name, _ in rows[0]["top"]} <= {"low", "high"}
+    assert rows[0]["label"] in ("a", "b") and {name for name, _ in rows[0]["top"]} <= {"a", "b"}
 
     assert main(["train", "--dataset", "image=digits", "--output", str(tmp_path / "one")]) == 2
     assert "at least two modalities" in capsys.readouterr().err
