@@ -157,16 +157,13 @@ def test_unreachable_hub_fails_within_the_metadata_timeout(tmp_path, official_a)
     port = silent.getsockname()[1]
     script = textwrap.dedent(
         """
-        import time, timm, torch, backbones
-        start = time.perf_counter()
+        import timm, torch, backbones
         try:
             timm.create_model("unireplknet_t.in1k", pretrained=True)
         except backbones.CheckpointError as exc:
-            print("ELAPSED", time.perf_counter() - start)
             print("MESSAGE", exc)
-        start = time.perf_counter()
         model = timm.create_model("unireplknet_a.in1k", pretrained=True)
-        print("CACHED", time.perf_counter() - start, float(model.head.bias.sum()))
+        print("CACHED", float(model.head.bias.sum()))
         """
     )
     env = dict(
@@ -180,20 +177,28 @@ def test_unreachable_hub_fails_within_the_metadata_timeout(tmp_path, official_a)
     )
     env.pop("HF_HUB_OFFLINE", None)
     try:
+        # a client that retried would still be waiting when this bound runs out (60 s a try)
         result = subprocess.run(
             [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
         )
+        silent.setblocking(False)
+        connections = 0
+        while True:  # the connections the two loads opened, waiting in the backlog
+            try:
+                silent.accept()[0].close()
+            except BlockingIOError:
+                break
+            connections += 1
     finally:
         silent.close()
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ")[0].isupper())
     assert "MESSAGE" in lines and "CACHED" in lines, result.stdout + result.stderr
-    # the first request also sets up the HTTP client (a few seconds); a retrying client would wait over a minute
-    assert float(lines["ELAPSED"]) < 30
+    # no metadata request is retried: with huggingface_hub's backoff (5 retries) the first load alone would open 6
+    assert 1 <= connections < 6
     file = "unireplknet_t_in1k_224_acc83.21.pth"
     assert file in lines["MESSAGE"] and f"127.0.0.1:{port}/{OFFICIAL_REPO}/resolve/main/{file}" in lines["MESSAGE"]
     assert "time limit 1 s" in lines["MESSAGE"]
-    elapsed, head_sum = (float(v) for v in lines["CACHED"].split())
-    assert elapsed < 30 and head_sum == pytest.approx(float(official_a["head.bias"].sum()), abs=1e-4)
+    assert float(lines["CACHED"]) == pytest.approx(float(official_a["head.bias"].sum()), abs=1e-4)
     assert "using the cached copy" in result.stderr
 
 

@@ -49,7 +49,8 @@ def test_a_saved_folder_is_a_hub_repository_with_a_model_card(tmp_path):
     folder = trained_model().save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     card = huggingface_hub.ModelCard.load(folder / "README.md")
-    assert card.data.library_name == "uniperception" and "unireplknet" in card.data.tags
+    metadata = card.data.to_dict()
+    assert metadata["library_name"] == "uniperception" and "unireplknet" in metadata["tags"]
     # a card the user wrote is kept on the next save
     (folder / "README.md").write_text("# my own card\n")
     trained_model().save_pretrained(folder)
