@@ -22,6 +22,10 @@ and only rank 0 shows progress and writes checkpoints, metrics and plots. The sh
 process's, so N processes with batch B see the batches one process sees with batch N*B (when N divides the
 dataset; otherwise PyTorch's DistributedSampler repeats a few samples to give every process an equal share).
 
+A model of several modalities trains on all of them at once (a dataset per modality; see :class:`Trainer` and
+:func:`modality_schedule`), and with ``align > 0`` is pulled into one embedding space across modalities
+(:mod:`uniperception.alignment`).
+
 Metrics go to ``metrics.csv`` and ``history.json`` every epoch, and with ``tensorboard=True`` also to TensorBoard
 event files in ``OUTPUT/tensorboard`` (the loss and learning rate of every update, every epoch's metrics; needs the
 ``tensorboard`` package).
