@@ -304,15 +304,18 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
         if self._trained:
             return None
         if self.task == "embedding":
-            return None if self._backbone_origin else "its weights were never trained or loaded"
+            return self._untrained_backbone()
         backbone = f"the backbone holds {self._backbone_origin}" if self._backbone_origin else \
             "the backbone is randomly initialised too"
         return f"its {self.task} head was never trained or loaded ({backbone})"
 
+    def _untrained_backbone(self) -> Optional[str]:
+        """What embeddings depend on: ``None`` once trained, loaded or started from published weights."""
+        return None if self._trained or self._backbone_origin else "its weights were never trained or loaded"
+
     def _warn_if_untrained(self, embedding: bool = False) -> None:
-        problem = self.untrained
-        if embedding and problem is not None:  # embeddings need a trained or published backbone, not the heads
-            problem = None if self._backbone_origin else "its weights were never trained or loaded"
+        # embeddings need a trained or published backbone, not the heads
+        problem = self._untrained_backbone() if embedding else self.untrained
         if problem is None or self._warned_untrained:
             return
         self._warned_untrained = True
@@ -827,9 +830,7 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
                 load_checkpoint(self.backbone, dict(state_dict), strict=True, trusted=trusted, _name=str(path))
             else:
                 self._load_through_plain_stem(state_dict, path, trusted)
-            self._backbone_origin = str(path)
-            if self.modality_statistics is not None:
-                self.modality_statistics.reset(self.backbone)
+            self._backbone_loaded_from(path)
             return self
         # another timm backbone: strip wrappers, drop the classifier, adapt the first conv, load the rest
         for prefix in ("model.", "module.", "backbone."):
@@ -861,10 +862,15 @@ class UniPerceiver(nn.Module, ModelHubMixin, library_name="uniperception", licen
         if missing or unexpected:
             raise CheckpointError(f"{path}: does not fit {self.backbone_name}: missing {missing[:6]}, "
                                   f"unexpected {unexpected[:6]}")
+        self._backbone_loaded_from(path)
+        return self
+
+    def _backbone_loaded_from(self, path: Path) -> None:
+        """After a backbone checkpoint was loaded: record where the weights came from, and let every modality start
+        from the file's BatchNorm statistics."""
         self._backbone_origin = str(path)
         if self.modality_statistics is not None:
             self.modality_statistics.reset(self.backbone)
-        return self
 
     def _load_through_plain_stem(self, state_dict: Dict[str, torch.Tensor], path: Path, trusted: bool) -> None:
         """UniRepLKNet with per-modality stems: load the file through an ordinary 3-channel first convolution (so
