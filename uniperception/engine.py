@@ -510,15 +510,24 @@ class Trainer:
         aligned = self.config.align * aligned
         return aligned if self.task == "embedding" else task_loss(outputs) + aligned
 
+    @contextlib.contextmanager
+    def _evaluating(self, use_ema: bool):
+        """The model (its EMA with ``use_ema``, where there is one) in evaluation mode on the device, its mode
+        restored afterwards."""
+        model = self.ema.module if use_ema and getattr(self, "ema", None) is not None else self.model
+        was_training = model.training
+        model.eval().to(self.device, memory_format=self._memory_format)
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
     @torch.no_grad()
     def embeddings(self, data: Dataset, modality: str, use_ema: bool = False) -> tuple:
         """``(embeddings (N, C), labels (N,))`` of a labelled dataset of ``modality``, gathered from every
         process (in no particular order)."""
-        model = self.ema.module if use_ema and getattr(self, "ema", None) is not None else self.model
-        was_training = model.training
-        model.eval().to(self.device, memory_format=self._memory_format)
         vectors, labels = [], []
-        try:
+        with self._evaluating(use_ema) as model:
             for batch, _ in self._loader(data, False, 0, modality):
                 if batch is None:
                     continue
@@ -526,8 +535,6 @@ class Trainer:
                 with self._autocast():
                     vectors.append(model(inputs, modality=modality, with_embedding=True)[1].float().cpu())
                 labels.append(targets.cpu())
-        finally:
-            model.train(was_training)
         shares = self.dist.gather((torch.cat(vectors) if vectors else torch.empty(0),
                                    torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)))
         return torch.cat([v for v, _ in shares if v.numel()]), torch.cat([l for _, l in shares])
@@ -681,9 +688,6 @@ class Trainer:
             if len(self.model.modalities) > 1:
                 raise UniPerceptionError(f"evaluate needs modality= for a model of {self.model.modalities}")
             modality = self.model.modalities[0]
-        model = self.ema.module if use_ema and getattr(self, "ema", None) is not None else self.model
-        was_training = model.training
-        model.eval().to(self.device, memory_format=self._memory_format)
         if self.task == "classification":
             metrics = ClassificationMetrics(len(self.model.class_names[modality]), self.model.class_names[modality])
         else:
@@ -692,7 +696,7 @@ class Trainer:
         bar = tqdm(loader, desc="evaluating", unit="batch", leave=False,
                    disable=True if not self.dist.is_main else
                    (not self.config.progress) if self.config.progress is not None else None)
-        try:
+        with self._evaluating(use_ema) as model:
             for batch, _ in bar:
                 if batch is None:
                     continue
@@ -704,8 +708,6 @@ class Trainer:
                 else:
                     history = inputs[..., : targets.shape[-1]]
                     metrics.update(outputs.cpu(), targets.float().cpu(), history.float().cpu())
-        finally:
-            model.train(was_training)
         shares = self.dist.gather(metrics)  # each process's counts (a confusion matrix, sums), not its outputs
         metrics = shares[0]
         for share in shares[1:]:
